@@ -1,0 +1,1 @@
+"""activations package of refusal-sae."""

@@ -1,0 +1,109 @@
+"""The one hook context manager, used by harvesting, steering, ablation and patching alike.
+
+`residual_hooks(adapter, {layer: edit})` registers a forward hook on each residual layer's module.
+`edit(hidden)` receives the layer's output `(batch, seq, d_model)` and returns a replacement tensor of
+the same shape, or None to leave it unchanged (read-only capture). With a KV cache during generation
+`seq` is 1 for every step after the prompt. Hooks are removed on exit, also when the forward raises.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from activations.adapter import ModelAdapter
+
+Edit = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward early (after the deepest layer needed)."""
+
+
+def _replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return hidden
+    return (hidden, *output[1:])
+
+
+def _hidden_of(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+@contextmanager
+def residual_hooks(
+    adapter: ModelAdapter,
+    edits: Mapping[int, Edit],
+    stop_after: int | None = None,
+) -> Iterator[None]:
+    """Apply `edits[layer]` to the output of each residual layer during forwards in this block.
+
+    Args:
+        adapter: the model adapter.
+        edits: layer → function of the hidden state `(batch, seq, d_model)`; returns a tensor or None.
+        stop_after: if given, raise `StopForward` right after this layer's edit (truncated forward).
+    """
+    for layer in edits:
+        adapter.check_layer(layer)
+    if stop_after is not None:
+        adapter.check_layer(stop_after)
+    layers = sorted(set(edits) | ({stop_after} if stop_after is not None else set()))
+    handles = []
+
+    def make_hook(layer: int) -> Callable[..., Any]:
+        edit = edits.get(layer)
+
+        def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> Any:
+            result = output
+            if edit is not None:
+                new_hidden = edit(_hidden_of(output))
+                if new_hidden is not None:
+                    result = _replace_hidden(output, new_hidden)
+            if layer == stop_after:
+                raise StopForward
+            return result
+
+        return hook
+
+    try:
+        for layer in layers:
+            handles.append(adapter.layer_module(layer).register_forward_hook(make_hook(layer)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture_residuals(
+    adapter: ModelAdapter,
+    layers: list[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    stop_early: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Run a forward and return `{layer: hidden (batch, seq, d_model)}` for the requested layers.
+
+    With `stop_early` the forward ends after the deepest requested layer: later blocks, the final
+    norm and the unembedding are never computed.
+    """
+    if not layers:
+        raise ValueError("no layers requested")
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int) -> Edit:
+        def edit(hidden: torch.Tensor) -> None:
+            captured[layer] = hidden
+
+        return edit
+
+    deepest = max(adapter.check_layer(layer) for layer in layers)
+    base = getattr(adapter.model, adapter.model.base_model_prefix, adapter.model)
+    with residual_hooks(adapter, {layer: keep(layer) for layer in layers}, stop_after=deepest if stop_early else None):
+        try:
+            # The base model (no LM head) is enough: no logits are ever needed here.
+            base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except StopForward:
+            pass
+    return captured

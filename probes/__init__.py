@@ -1,0 +1,1 @@
+"""probes package of refusal-sae."""

@@ -1,0 +1,1 @@
+"""sae package of refusal-sae."""
