@@ -1,0 +1,188 @@
+"""Feature selection from L1 heads: per-class top-K, stability selection, and `features.json`.
+
+A feature "belongs" to a class when its weight for that class is positive (class 0 = benign, so the
+benign row of the head yields benign features). Stability selection refits the head on bootstrap
+resamples of the extract rows (and optionally on several feature matrices, one per SAE seed) and
+keeps the features selected in at least `threshold` of all fits.
+
+Several feature matrices must share the meaning of their columns (the same residual coordinates,
+or SAE latents already aligned across seeds); feature j of one matrix is counted as feature j of all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from activations.records import CATEGORIES, PROBE_CLASSES
+from probes.heads import HeadResult, fit_l1_head
+from probes.protocol import LabelledRows, require_split
+from probes.storage import write_json
+
+
+@dataclass(frozen=True)
+class ClassSelection:
+    """Selected features of one class, best first.
+
+    feature_ids: (m,) int64 column indices; weights: (m,) float64 head weights (mean over fits for
+    stability selection); frequency: (m,) float64 selection frequency in [0, 1] or None (single fit).
+    """
+
+    feature_ids: np.ndarray
+    weights: np.ndarray
+    frequency: np.ndarray | None = None
+
+
+def top_k_features(head: HeadResult, k: int) -> dict[str, ClassSelection]:
+    """Per class, the (at most) k features with the largest positive weight, best first."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    out = {}
+    for i, name in enumerate(head.classes):
+        w = head.coef[i]
+        positive = np.flatnonzero(w > 0)
+        order = positive[np.argsort(-w[positive], kind="stable")][:k]
+        out[name] = ClassSelection(order.astype(np.int64), w[order].copy())
+    return out
+
+
+def activation_frequency(rows: LabelledRows, tau: float = 0.0,
+                         categories: Sequence[str] = CATEGORIES) -> dict[str, np.ndarray]:
+    """Per category present in `rows`: (d,) float64 fraction of its rows where the feature > tau."""
+    out = {}
+    for category in categories:
+        mask = rows.category_mask(category)
+        if mask.any():
+            out[category] = np.mean(rows.features[mask] > tau, axis=0, dtype=np.float64)
+    return out
+
+
+@dataclass(eq=False)  # holds arrays: compare fields explicitly
+class StabilityResult:
+    """Outcome of stability selection.
+
+    frequency: (n_classes, d) float64, fraction of fits in which the feature was selected for the class.
+    mean_weight: (n_classes, d) float64, the feature's weight averaged over all fits.
+    """
+
+    classes: tuple[str, ...]
+    frequency: np.ndarray
+    mean_weight: np.ndarray
+    n_fits: int
+    threshold: float
+    C: float
+    top_k: int | None
+    meta: dict[str, Any]
+
+    def selections(self) -> dict[str, ClassSelection]:
+        """Per class, the features with frequency >= threshold, by frequency then weight."""
+        out = {}
+        for i, name in enumerate(self.classes):
+            ids = np.flatnonzero(self.frequency[i] >= self.threshold)
+            order = np.lexsort((-self.mean_weight[i, ids], -self.frequency[i, ids]))
+            ids = ids[order].astype(np.int64)
+            out[name] = ClassSelection(ids, self.mean_weight[i, ids].copy(), self.frequency[i, ids].copy())
+        return out
+
+
+def _stratified_bootstrap(categories: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Row indices resampled with replacement within each category (every category keeps its count)."""
+    parts = []
+    for category in np.unique(categories):
+        idx = np.flatnonzero(categories == category)
+        parts.append(rng.choice(idx, size=idx.size, replace=True))
+    return np.concatenate(parts)
+
+
+def _selected_mask(head: HeadResult, top_k: int | None) -> np.ndarray:
+    """(n_classes, d) bool: positive weight, and among the class's top_k if given."""
+    positive = head.coef > 0
+    if top_k is None:
+        return positive
+    mask = np.zeros_like(positive)
+    for i, sel in enumerate(top_k_features(head, top_k).values()):
+        mask[i, sel.feature_ids] = True
+    return mask
+
+
+def stability_selection(
+    rows: LabelledRows | Sequence[LabelledRows],
+    C: float,
+    *,
+    n_bootstrap: int = 20,
+    threshold: float = 0.6,
+    top_k: int | None = None,
+    classes: Sequence[str] = PROBE_CLASSES,
+    seed: int = 0,
+    **fit_kwargs: Any,
+) -> StabilityResult:
+    """Refit the L1 head on `n_bootstrap` stratified resamples of each extract feature matrix.
+
+    `rows` is one LabelledRows or a list (one per SAE seed, equal column count). A feature counts as
+    selected for class c in a fit when its class-c weight is positive (and in the top_k, if given).
+    """
+    matrices = [rows] if isinstance(rows, LabelledRows) else list(rows)
+    if not matrices:
+        raise ValueError("stability selection needs at least one feature matrix")
+    if n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    d = matrices[0].d
+    for i, m in enumerate(matrices):
+        require_split(m.splits, "extract", "stability selection")
+        if m.d != d:
+            raise ValueError(f"feature matrix {i} has {m.d} columns, matrix 0 has {d}")
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((len(classes), d), dtype=np.float64)
+    weight_sum = np.zeros((len(classes), d), dtype=np.float64)
+    n_fits = len(matrices) * n_bootstrap
+    with tqdm(total=n_fits, desc="stability selection", disable=None) as bar:
+        for m in matrices:
+            for _ in range(n_bootstrap):
+                resample = m.subset(_stratified_bootstrap(m.categories, rng))
+                head = fit_l1_head(resample, C, classes=classes, seed=int(rng.integers(2**31)), **fit_kwargs)
+                counts += _selected_mask(head, top_k)
+                weight_sum += head.coef
+                bar.update(1)
+    meta = {"n_matrices": len(matrices), "n_bootstrap": n_bootstrap, "seed": seed,
+            "splits": [m.provenance() for m in matrices]}
+    return StabilityResult(tuple(classes), counts / n_fits, weight_sum / n_fits, n_fits,
+                           float(threshold), float(C), top_k, meta)
+
+
+def write_features_json(
+    path: str,
+    selections: Mapping[str, ClassSelection],
+    activation_freq: Mapping[str, np.ndarray],
+    probe_eval: Mapping[str, Any] | None,
+    meta: Mapping[str, Any],
+) -> None:
+    """Atomically write features.json.
+
+    selections: per class, the chosen features (from `top_k_features` or `StabilityResult.selections`).
+    activation_freq: per category, (d,) firing fraction (from `activation_frequency` on extract rows).
+    probe_eval: `heads.evaluate_head(...)` on eval rows (accuracy and macro-F1 with 95% CIs), or None.
+    meta: provenance (model, layer, space, tau, C, method, ...); must hold "splits" (e.g.
+          `rows.provenance()` or `head.meta["splits"]`): the split hashes the selection was fitted on.
+    """
+    if "splits" not in meta:
+        raise ValueError("features.json metadata must record 'splits' (row counts and split hashes)")
+    per_class = {}
+    for name, sel in selections.items():
+        ids = np.asarray(sel.feature_ids, dtype=np.int64)
+        per_class[name] = {
+            "feature_ids": ids,
+            "weights": np.asarray(sel.weights, dtype=np.float64),
+            "selection_frequency": None if sel.frequency is None else np.asarray(sel.frequency, dtype=np.float64),
+            "activation_frequency": {cat: np.asarray(freq)[ids] for cat, freq in activation_freq.items()},
+        }
+    write_json(path, {
+        "schema_version": 1,
+        "classes": list(selections),
+        "meta": dict(meta),
+        "per_class": per_class,
+        "probe_eval": None if probe_eval is None else dict(probe_eval),
+    })
