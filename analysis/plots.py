@@ -1,0 +1,197 @@
+"""Shared plotting helpers: fixed category colours, atomic PNG writes, and the report plots.
+
+Figures are built with `matplotlib.figure.Figure` directly (the Agg canvas, no pyplot, no
+global backend switch), so plotting works headless and leaves no open figures behind.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from activations.records import CATEGORIES
+
+CATEGORY_COLORS: dict[str, str] = {
+    "benign": "#7f7f7f",
+    "humanizing": "#9467bd",
+    "incomplete": "#ff7f0e",
+    "indeterminate": "#17becf",
+    "safety": "#d62728",
+    "unsupported": "#1f77b4",
+    "contrast": "#2ca02c",
+}
+"""One fixed colour per category in activations.records.CATEGORIES, used by every plot."""
+
+_EXTRA_COLORS = ("#8c564b", "#e377c2", "#bcbd22", "#393b79", "#637939", "#843c39", "#7b4173")
+
+
+def color_for(label: str, extra_labels: Sequence[str] = ()) -> str:
+    """Colour of a category; labels outside CATEGORIES get a colour by their rank in `extra_labels`."""
+    if label in CATEGORY_COLORS:
+        return CATEGORY_COLORS[label]
+    extras = sorted(set(extra_labels) - set(CATEGORY_COLORS))
+    rank = extras.index(label) if label in extras else 0
+    return _EXTRA_COLORS[rank % len(_EXTRA_COLORS)]
+
+
+def ordered_labels(labels: Sequence[str]) -> list[str]:
+    """Unique labels, known categories first in CATEGORIES order, then the rest sorted."""
+    present = set(labels)
+    return [c for c in CATEGORIES if c in present] + sorted(present - set(CATEGORIES))
+
+
+def save_fig(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """Write `fig` atomically to `path` (format from the suffix, e.g. .png); returns the path."""
+    out = Path(path)
+    fmt = out.suffix.lstrip(".").lower()
+    if not fmt:
+        raise ValueError(f"output path {out} has no suffix to pick the image format from")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format=fmt, dpi=dpi, bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; make the image readable like a normal file
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def png_to_data_uri(path: str | os.PathLike[str]) -> str:
+    """`data:image/png;base64,...` string of a PNG file, for inlining into HTML."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"PNG file not found: {p}")
+    return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode("ascii")
+
+
+def _rate_and_err(entry: Mapping[str, Any], what: str) -> tuple[float, float, float]:
+    """(rate, lower error, upper error) from a rate dict; raises if the rate is missing."""
+    if not isinstance(entry, Mapping) or entry.get("rate") is None:
+        raise ValueError(f"{what} has no rate (missing or n = 0)")
+    value = float(entry["rate"])
+    lo, hi = entry.get("ci", [value, value])
+    lo = value if lo is None else float(lo)
+    hi = value if hi is None else float(hi)
+    return value, max(0.0, value - lo), max(0.0, hi - value)
+
+
+def plot_tradeoff(points: Sequence[Mapping[str, Any]], out_png: str | os.PathLike[str], title: str = "") -> Path:
+    """Over-refusal rate (x) against harmful refusal rate (y), one series per condition.
+
+    `points`: dicts `{condition, strength, over_refusal: {rate, ci}, harmful: {rate, ci}}`.
+    Each point has 95% CI error bars and is labelled with its strength; points of one
+    condition are joined in order of strength.
+    """
+    if not points:
+        raise ValueError("plot_tradeoff got no points")
+    for i, p in enumerate(points):
+        for key in ("condition", "strength", "over_refusal", "harmful"):
+            if key not in p:
+                raise ValueError(f"trade-off point {i} lacks the key {key!r}")
+    fig = Figure(figsize=(6.5, 5))
+    ax = fig.add_subplot(1, 1, 1)
+    conditions = list(dict.fromkeys(str(p["condition"]) for p in points))
+    for ci, cond in enumerate(conditions):
+        series = sorted((p for p in points if str(p["condition"]) == cond), key=lambda p: float(p["strength"]))
+        xs, ys, xerr, yerr = [], [], [[], []], [[], []]
+        for p in series:
+            what = f"point (condition={cond}, strength={p['strength']})"
+            x, xl, xh = _rate_and_err(p["over_refusal"], f"{what} over_refusal")
+            y, yl, yh = _rate_and_err(p["harmful"], f"{what} harmful")
+            xs.append(x), ys.append(y)
+            xerr[0].append(xl), xerr[1].append(xh), yerr[0].append(yl), yerr[1].append(yh)
+            ax.annotate(f"{p['strength']:g}" if isinstance(p["strength"], (int, float)) else str(p["strength"]),
+                        (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        color = _EXTRA_COLORS[ci % len(_EXTRA_COLORS)] if cond not in CATEGORY_COLORS else CATEGORY_COLORS[cond]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", ms=4, capsize=2, lw=1, color=color, label=cond)
+    ax.set_xlabel("over-refusal rate (benign prompts refused)")
+    ax.set_ylabel("harmful refusal rate")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="condition")
+    ax.set_title(title or "Refusal trade-off (95% CI)")
+    return save_fig(fig, out_png)
+
+
+def plot_training_curves(
+    metrics_by_seed: Mapping[int, Mapping[str, Sequence[float]]], out_png: str | os.PathLike[str], title: str = ""
+) -> Path:
+    """One panel per metric, one line per seed. A metric named "step" is used as the x axis."""
+    if not metrics_by_seed:
+        raise ValueError("plot_training_curves got no seeds")
+    names = sorted({k for m in metrics_by_seed.values() for k in m if k != "step"})
+    if not names:
+        raise ValueError("plot_training_curves got no metrics besides 'step'")
+    cols = min(3, len(names))
+    rows = int(np.ceil(len(names) / cols))
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+    for k, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        for seed in sorted(metrics_by_seed):
+            metrics = metrics_by_seed[seed]
+            if name not in metrics:
+                continue
+            y = np.asarray(metrics[name], dtype=np.float64)
+            x = np.asarray(metrics["step"], dtype=np.float64) if "step" in metrics else np.arange(y.size)
+            if x.size != y.size:
+                raise ValueError(f"seed {seed}: metric {name!r} has {y.size} values but 'step' has {x.size}")
+            ax.plot(x, y, lw=1, label=f"seed {seed}")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return save_fig(fig, out_png)
+
+
+def plot_rate_bars(table: Mapping[str, Mapping[str, Mapping[str, Any]]], out_png: str | os.PathLike[str],
+                   title: str = "", ylabel: str = "refusal rate") -> Path:
+    """Grouped bars: categories on x, one bar per condition, 95% CI error bars, n under each group.
+
+    `table`: condition -> category -> `{rate, ci, n}`. Cells with n = 0 get no bar and "n=0".
+    """
+    if not table:
+        raise ValueError("plot_rate_bars got an empty table")
+    conditions = list(table)
+    categories = ordered_labels([c for cond in conditions for c in table[cond]])
+    width = 0.8 / len(conditions)
+    fig = Figure(figsize=(max(6.0, 1.3 * len(categories) * max(1, len(conditions)) ** 0.5), 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(categories), dtype=np.float64)
+    for ci, cond in enumerate(conditions):
+        offset = (ci - (len(conditions) - 1) / 2) * width
+        legend_label: str | None = cond
+        for xi, cat in zip(x, categories):
+            cell = table[cond].get(cat)
+            if cell is None:
+                continue
+            if cell.get("rate") is None:
+                ax.text(xi + offset, 0.01, "n=0", ha="center", fontsize=6, rotation=90)
+                continue
+            value, el, eh = _rate_and_err(cell, f"cell ({cond}, {cat})")
+            ax.bar(xi + offset, value, width, yerr=[[el], [eh]], capsize=2,
+                   color=_EXTRA_COLORS[ci % len(_EXTRA_COLORS)], edgecolor="black", lw=0.4, label=legend_label)
+            legend_label = None  # one legend entry per condition
+    ax.set_xticks(x)
+    ns = [", ".join(str(table[c][cat].get("n", "?")) for c in conditions if cat in table[c]) for cat in categories]
+    ax.set_xticklabels([f"{cat}\n(n={n})" for cat, n in zip(categories, ns)], fontsize=8)
+    for tick, cat in zip(ax.get_xticklabels(), categories):
+        tick.set_color(color_for(cat, categories))
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, title="condition")
+    ax.set_title(title or "Rates by condition and category (95% CI)")
+    return save_fig(fig, out_png)
+
