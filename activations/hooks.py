@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from activations.adapter import ModelAdapter
+from activations.tokenize import position_ids_from_mask
 
 Edit = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -102,8 +103,14 @@ def capture_residuals(
     base = getattr(adapter.model, adapter.model.base_model_prefix, adapter.model)
     with residual_hooks(adapter, {layer: keep(layer) for layer in layers}, stop_after=deepest if stop_early else None):
         try:
-            # The base model (no LM head) is enough: no logits are ever needed here.
-            base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            # The base model (no LM head) is enough: no logits are ever needed here. Position ids
+            # count from each row's first real token, so a left-padded row equals the row alone.
+            base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
         except StopForward:
             pass
     return captured

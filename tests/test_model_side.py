@@ -7,7 +7,7 @@ import torch
 from activations.adapter import ModelAdapter
 from activations.hooks import StopForward, capture_residuals, residual_hooks
 from activations.tiny_models import TINY_FAMILIES, build_tiny_model
-from activations.tokenize import encode_prompts, token_lengths
+from activations.tokenize import encode_prompts, position_ids_from_mask, token_lengths
 
 PROMPTS = ["Hi there", "What is the capital of France? Please answer briefly."]
 
@@ -19,7 +19,7 @@ def test_adapter_captures_hidden_states_of_every_family(family, embedded_tokeniz
     assert adapter.num_layers == 4 and adapter.d_model == 64
     batch = encode_prompts(tok, PROMPTS)
     captured = capture_residuals(adapter, [0, 2], **batch)
-    reference = model(**batch, output_hidden_states=True).hidden_states
+    reference = model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"]), output_hidden_states=True).hidden_states
     for layer in (0, 2):
         torch.testing.assert_close(captured[layer], reference[layer + 1], rtol=0, atol=1e-6)
 
@@ -77,7 +77,7 @@ def test_embedding_layer_minus_one_is_hidden_state_zero(tiny_llama):
     adapter = ModelAdapter(model)
     batch = encode_prompts(tok, PROMPTS)
     captured = capture_residuals(adapter, [-1], **batch)
-    reference = model(**batch, output_hidden_states=True).hidden_states[0]
+    reference = model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"]), output_hidden_states=True).hidden_states[0]
     torch.testing.assert_close(captured[-1], reference)
 
 
@@ -110,6 +110,14 @@ def test_embedded_model_loads_and_matches_hidden_states(embedded):
     assert (adapter.family, adapter.num_layers, adapter.d_model) == ("llama", 30, 576)
     batch = encode_prompts(tok, PROMPTS)
     captured = capture_residuals(adapter, [9, 20], **batch)
-    reference = model(**batch, output_hidden_states=True).hidden_states
+    reference = model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"]), output_hidden_states=True).hidden_states
     for layer in (9, 20):
         torch.testing.assert_close(captured[layer], reference[layer + 1], rtol=0, atol=1e-5)
+
+
+def test_left_padded_row_equals_the_row_alone(tiny_llama):
+    model, tok = tiny_llama
+    adapter = ModelAdapter(model)
+    batched = capture_residuals(adapter, [2], **encode_prompts(tok, PROMPTS))[2]
+    alone = capture_residuals(adapter, [2], **encode_prompts(tok, PROMPTS[:1]))[2]
+    torch.testing.assert_close(batched[0, -alone.shape[1]:], alone[0], rtol=1e-5, atol=1e-5)
