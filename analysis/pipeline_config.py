@@ -51,6 +51,7 @@ class SelectSection:
 @dataclass
 class VectorSection:
     tau: float = 0.0
+    shared_frequency: float | None = 0.25  # a latent firing on > this fraction of both benign and category rows is "shared"
     top_k: int | None = 32
     lowrank_rank: int = 2
 

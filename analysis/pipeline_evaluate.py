@@ -1,0 +1,165 @@
+"""The `evaluate` stage: every condition side by side on the eval split, plus sweeps and capability.
+
+Conditions (all at the primary layer, steering on every position unless configured otherwise):
+  baseline               no intervention
+  steer_toward / _away   ±alpha · v_global (pooled refusal mean − benign mean) on every row
+  steer_lowrank          +alpha · the low-rank combined vector
+  conditional_distance   per-row plan from the distance gate (tuned on calibrate)
+  conditional_probe      per-row plan from the L1-probe gate on SAE latents (tuned on calibrate)
+  conditional_token      the model's own first-token category selects v_c (+alpha)
+  ablate                 zero the L1-selected SAE features of every refusal category (reference seed;
+                         every seed is also run and reported in `ablate_by_seed`)
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from activations.records import BENIGN, CONTRAST, REFUSAL_CATEGORIES
+from analysis.ablation import ablate_features
+from analysis.builtin_capability import builtin_capability_tasks
+from analysis.capability import evaluate_capability
+from analysis.capability_data import load_gsm8k, load_mmlu, load_truthfulqa_mc
+from analysis.conditions import Plan, plan_from_decisions, refusal_table, run_refusal
+from analysis.pipeline_eval import eval_setup, residual_vectors, selected_union, split_rows
+from analysis.pipeline_run import PipelineRun
+from analysis.pipeline_stages import saes
+from analysis.refusal_eval import build_results, compare_conditions
+from analysis.stage_runner import write_json_atomic
+from analysis.steering import steer
+from probes.gates import load_gate
+from probes.model_gates import TokenGate
+from probes.refusal_tokens import first_token_decisions, first_token_logits, refusal_log_odds
+from probes.stage_data import encode_latents
+from probes.vectors import VectorSet
+
+
+def capability_tasks(specs: list[str], limit: int) -> dict[str, list]:
+    """`builtin` or `mmlu:DIR`, `truthfulqa:CSV`, `gsm8k:JSONL` (local files) → task items."""
+    tasks: dict[str, list] = {}
+    for spec in specs:
+        kind, _, location = spec.partition(":")
+        if kind == "builtin":
+            tasks.update({name: items[:limit] for name, items in builtin_capability_tasks().items()})
+        elif kind == "mmlu":
+            tasks["mmlu"] = load_mmlu(location, limit=limit)
+        elif kind == "truthfulqa":
+            tasks["truthfulqa_mc"] = load_truthfulqa_mc(location, limit=limit)
+        elif kind == "gsm8k":
+            tasks["gsm8k"] = load_gsm8k(location, limit=limit)
+        else:
+            raise ValueError(f"unknown capability task {spec!r}; expected builtin, mmlu:DIR, truthfulqa:CSV or gsm8k:JSONL")
+    return tasks
+
+
+def stage_evaluate(run: PipelineRun, out: Path) -> dict[str, Any]:
+    cfg = run.cfg.evaluation
+    setup = eval_setup(run)
+    adapter, d_model = setup.adapter, setup.adapter.d_model
+    rows, records = split_rows(run, "eval")
+    n = len(records)
+    vectors = residual_vectors(run)
+    lowrank = VectorSet.load(run.stage_dir("vectors") / "lowrank")["lowrank"].vector.numpy()
+    models = saes(run)
+    reference_seed = next(iter(models))
+
+    logits = first_token_logits(setup.model, setup.tokenizer, [r.text for r in records], setup.spec,
+                                batch_size=setup.batch_size, max_length=setup.max_length, progress=True)
+    results = {"baseline": build_results(records, first_token_decisions(logits), refusal_log_odds(logits))}
+    gate_log: dict[str, Any] = {}
+
+    def run_plan(name: str, plan: Plan) -> None:
+        print(f"  condition {name}", flush=True)
+        results[name] = run_refusal(setup, records, plan)
+
+    run_plan("steer_toward", Plan.uniform(vectors["global"], cfg.alpha, n))
+    run_plan("steer_away", Plan.uniform(vectors["global"], -cfg.alpha, n))
+    run_plan("steer_lowrank", Plan.uniform(lowrank, cfg.alpha, n))
+    gates = {
+        "conditional_distance": load_gate(run.stage_dir("gates") / "distance.json").decide(rows.features),
+        "conditional_probe": load_gate(run.stage_dir("gates") / "probe.json").decide(
+            encode_latents(models[reference_seed], rows.features)),
+        "conditional_token": TokenGate(setup.spec, alpha_toward=cfg.alpha).decide_logits(logits),
+    }
+    for name, decisions in gates.items():
+        gate_log[name] = [d.to_dict() for d in decisions]
+        run_plan(name, plan_from_decisions(decisions, vectors, d_model))
+
+    ablate_by_seed = {}
+    for seed, sae in models.items():
+        ids = selected_union(run, seed)
+        print(f"  condition ablate (seed {seed}, {len(ids)} features)", flush=True)
+        context = lambda rows_, sae=sae, ids=ids: ablate_features(adapter, run.layer, sae, ids)  # noqa: E731
+        ablate_by_seed[seed] = run_refusal(setup, records, context=context)
+    results["ablate"] = ablate_by_seed[reference_seed]
+
+    sweep = []
+    for alpha in cfg.alphas:
+        for sign, name in ((1, "steer_toward"), (-1, "steer_away")):
+            found = results[name] if alpha == cfg.alpha else run_refusal(setup, records, Plan.uniform(vectors["global"], sign * alpha, n))
+            table = refusal_table(found)
+            sweep.append({"condition": name, "strength": alpha, "over_refusal": table["over_refusal"],
+                          "harmful": table["harmful_refusal"]})
+
+    benign_rows = [i for i, r in enumerate(records) if r.category in (BENIGN, CONTRAST)]
+    sufficiency = {}
+    for category in REFUSAL_CATEGORIES:
+        subset = [records[i] for i in benign_rows]
+        steered = run_refusal(setup, subset, Plan.uniform(vectors[category], cfg.alpha, len(subset)))
+        chosen = np.array([r.decision == category for r in steered])
+        sufficiency[category] = {"refusal": refusal_table(steered)["over_refusal"],
+                                 "decided_category": _rate(chosen)}
+
+    capability = evaluate_capabilities(run, setup, vectors["global"])
+    tables = {name: refusal_table(found) for name, found in results.items()}
+    payload = {
+        "layer": run.layer, "alpha": cfg.alpha, "positions": cfg.positions, "n_eval": n,
+        "refusal": tables,
+        "paired_vs_baseline": {name: compare_conditions(results["baseline"], found)
+                               for name, found in results.items() if name != "baseline"},
+        "ablate_by_seed": {str(s): refusal_table(found) for s, found in ablate_by_seed.items()},
+        "ablated_features": {str(s): selected_union(run, s) for s in models},
+        "sweep": sweep, "sufficiency": sufficiency, "capability": capability,
+        "gate_decisions": {name: _decision_counts(log) for name, log in gate_log.items()},
+    }
+    write_json_atomic(out / "results.json", payload)
+    write_json_atomic(out / "gate_decisions.json", gate_log)
+    write_json_atomic(out / "rows.json", {name: [r.to_dict() for r in found] for name, found in results.items()})
+    return {"n_eval": n, "conditions": sorted(tables)}
+
+
+def _rate(flags: np.ndarray) -> dict[str, Any]:
+    from analysis.stats import rate
+
+    return rate(flags)
+
+
+def _decision_counts(log: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for d in log:
+        key = f"{d['direction']}:{d['category']}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def evaluate_capabilities(run: PipelineRun, setup: Any, global_vector: np.ndarray) -> dict[str, Any]:
+    """Capability tasks under baseline and ±alpha·v_global, steering every scored position."""
+    cfg = run.cfg.evaluation
+    tasks = capability_tasks(cfg.capability, cfg.capability_limit)
+    adapter = setup.adapter
+    vector = torch.as_tensor(global_vector, device=adapter.device, dtype=adapter.dtype)
+    out = {}
+    for name, alpha in (("baseline", 0.0), ("steer_toward", cfg.alpha), ("steer_away", -cfg.alpha)):
+        def make_context(rows: np.ndarray, alpha: float = alpha):
+            if alpha == 0.0:
+                return contextlib.nullcontext()
+            return steer(adapter, run.layer, vector, alpha, positions="all")
+
+        print(f"  capability {name}", flush=True)
+        out[name] = evaluate_capability(setup.model, setup.tokenizer, tasks, make_context=make_context,
+                                        batch_size=setup.batch_size, max_new_tokens=48)
+    return out
