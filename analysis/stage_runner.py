@@ -48,7 +48,7 @@ class Stage:
 class StageRunner:
     """Runs stages in order, skipping those whose stamp matches, with a stage progress display."""
 
-    def __init__(self, root: Path, stages: list[Stage], stream: Any = sys.stderr) -> None:
+    def __init__(self, root: Path, stages: list[Stage], stream: Any = None) -> None:
         self.root = Path(root)
         self.stages = stages
         self.stream = stream
@@ -63,7 +63,7 @@ class StageRunner:
         return stable_hash({"config": stage.config, "after": {n: self.hashes[n] for n in stage.after}})
 
     def _say(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        print(text, file=self.stream or sys.stderr, flush=True)
 
     def run(self) -> dict[str, dict[str, Any]]:
         total = len(self.stages)
