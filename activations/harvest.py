@@ -1,0 +1,242 @@
+"""Harvest residual-stream activations of many prompts into an activation shard store.
+
+For each prompt the output of every requested block `l` (== `hidden_states[l + 1]`) is captured at
+the last prompt token (`positions="last"`; with the chat template that is the position predicting
+the first response token) or at every prompt token (`positions="all"`). All layers come from one
+forward that stops right after the deepest requested block: no later block, final norm or logits
+are computed. Prompts run in length-bucketed batches; prompts already in the store are skipped, so
+rerunning an interrupted harvest resumes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from activations.adapter import ModelAdapter
+from activations.harvest_batches import PromptBatch, prefetched_batches
+from activations.hooks import StopForward, residual_hooks
+from activations.model_loading import model_info as describe_model
+from activations.prompts.hashing import records_sha256
+from activations.records import PromptRecord
+from activations.store_format import POSITION_MODES, STORAGE_DTYPES
+from activations.store_write import ShardWriter
+
+SHARD_TARGET_BYTES = 64 << 20
+"""Default shard size: rows are buffered until a shard holds about this many bytes."""
+
+
+def weights_fingerprint(model: torch.nn.Module, sample: int = 256) -> str:
+    """Cheap identity of the weights: sha256 over each parameter's name, shape, dtype and first and
+    last `sample` values (so two random models of one config, or one model in two dtypes, differ)."""
+    digest = hashlib.sha256()
+    samples = []
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        samples.append(torch.cat([flat[:sample], flat[-sample:]]).float())
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
+    digest.update(torch.cat(samples).cpu().numpy().tobytes())  # one device→host copy
+    return digest.hexdigest()[:32]
+
+
+def default_model_info(model: torch.nn.Module) -> dict[str, Any]:
+    """Model identity for the manifest: id, family, revision, compute dtype and weights fingerprint."""
+    info = describe_model(model, str(getattr(model.config, "name_or_path", "") or "unknown"))
+    info["compute_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    info["weights_fingerprint"] = weights_fingerprint(model)
+    return info
+
+
+def prompt_info_from_records(records: Sequence[PromptRecord]) -> dict[str, dict[str, str]]:
+    """`{"prompt_sources": {source: sha256}, "split_hashes": {split: sha256}}` of a prompt list."""
+    by_source: dict[str, list[PromptRecord]] = defaultdict(list)
+    by_split: dict[str, list[PromptRecord]] = defaultdict(list)
+    for record in records:
+        by_source[record.source or "unknown"].append(record)
+        by_split[record.split or "unsplit"].append(record)
+    return {
+        "prompt_sources": {k: records_sha256(v) for k, v in sorted(by_source.items())},
+        "split_hashes": {k: records_sha256(v) for k, v in sorted(by_split.items())},
+    }
+
+
+def prompt_info_from_manifest(manifest: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """The same identity from a `PromptSet.manifest()`: each source spec's data hash and each split's hash."""
+    return {
+        "prompt_sources": {s["spec"]: s["sha256"] for s in manifest.get("sources", [])},
+        "split_hashes": {name: s["sha256"] for name, s in manifest.get("splits", {}).items() if s.get("n", 1)},
+    }
+
+
+def _to_storage(hidden: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Rows `(n, d_model)` in the store's on-disk representation (bfloat16 → its int16 bits)."""
+    if dtype == "bfloat16":
+        return hidden.to(torch.bfloat16).contiguous().view(torch.int16)
+    return hidden.to(torch.float16 if dtype == "float16" else torch.float32).contiguous()
+
+
+def _capture_batch(
+    adapter: ModelAdapter, batch: PromptBatch, layers: list[int], positions: str, dtype: str
+) -> dict[int, torch.Tensor]:
+    """One truncated forward → `{layer: rows (n_rows, d_model)}` in storage dtype, on the model device.
+
+    Rows are the last column (`last`) or every real token in row-major order (`all`).
+    """
+    device = adapter.device
+    token_index = None
+    if positions == "all":
+        token_index = batch.attention_mask.reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int) -> Callable[[torch.Tensor], None]:
+        def edit(hidden: torch.Tensor) -> None:
+            rows = hidden[:, -1, :] if token_index is None else hidden.reshape(-1, hidden.shape[-1]).index_select(0, token_index)
+            captured[layer] = _to_storage(rows, dtype)
+
+        return edit
+
+    base = getattr(adapter.model, adapter.model.base_model_prefix, adapter.model)
+    with residual_hooks(adapter, {layer: keep(layer) for layer in layers}, stop_after=max(layers)):
+        try:
+            base(
+                input_ids=batch.input_ids.to(device, non_blocking=True),
+                attention_mask=batch.attention_mask.to(device, non_blocking=True),
+                position_ids=batch.position_ids.to(device, non_blocking=True),
+                use_cache=False,
+            )
+        except StopForward:
+            pass
+    return captured
+
+
+def _store_batch(writer: ShardWriter, batch: PromptBatch, rows: Mapping[int, torch.Tensor], positions: str) -> None:
+    """Split a batch's captured rows per prompt and hand them to the writer."""
+    host = {layer: t.numpy() if t.dtype != torch.int16 else t.numpy().view(np.uint16) for layer, t in rows.items()}
+    if any(t.is_pinned() for t in rows.values()):  # copy out of pinned memory so the allocator can reuse it
+        host = {layer: x.copy() for layer, x in host.items()}
+    seq = batch.input_ids.shape[1]
+    start = 0
+    for i, (record, n) in enumerate(zip(batch.records, batch.lengths)):
+        if positions == "last":
+            where, count = np.array([n - 1]), 1
+            token_ids = batch.input_ids[i, -1:].numpy()
+        else:
+            where, count = np.arange(n), n
+            token_ids = batch.input_ids[i, seq - n :].numpy()
+        acts = {layer: x[start : start + count] for layer, x in host.items()}
+        writer.add_prompt(record.id, record.category, record.split, where, token_ids, acts)
+        start += count
+
+
+def harvest(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: Sequence[PromptRecord],
+    layers: Sequence[int],
+    out_dir: str | Path,
+    positions: str = "last",
+    batch_size: int = 16,
+    max_length: int | None = 512,
+    dtype: str = "float16",
+    chat_template: bool = True,
+    model_info: Mapping[str, Any] | None = None,
+    prompt_info: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    rows_per_shard: int | None = None,
+) -> Path:
+    """Capture block outputs of `layers` for every record and store them under `out_dir`.
+
+    Args:
+        model, tokenizer: a causal LM (eval mode) and its tokenizer.
+        records: prompts with unique ids.
+        layers: block indices; layer l is `hidden_states[l + 1]`.
+        out_dir: store folder; an existing store of the same harvest is resumed.
+        positions: "last" (one row per prompt) or "all" (one row per prompt token).
+        dtype: storage dtype, float16 | bfloat16 | float32.
+        model_info, prompt_info: identities for the manifest (derived from the model / records if None).
+        rows_per_shard: rows per shard (default: about 64 MiB of activations per shard).
+
+    Returns the store folder. Raises ValueError for an empty prompt list, a layer out of range,
+    duplicate prompt ids, or a folder holding a different harvest.
+    """
+    if len(records) == 0:
+        raise ValueError("no prompts to harvest: the prompt set is empty")
+    if positions not in POSITION_MODES:
+        raise ValueError(f"unknown positions mode {positions!r}; expected one of {', '.join(POSITION_MODES)}")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"unknown storage dtype {dtype!r}; expected one of {', '.join(STORAGE_DTYPES)}")
+    adapter = ModelAdapter(model)
+    layers = sorted({adapter.check_layer(int(layer)) for layer in layers})
+    if not layers:
+        raise ValueError("no layers to harvest")
+    if layers[0] < 0:
+        raise ValueError(f"layer -1 (the embeddings) cannot be harvested; use blocks 0..{adapter.num_layers - 1}")
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"prompt id {duplicate!r} occurs more than once in the prompt set")
+    if rows_per_shard is None:
+        bytes_per_row = adapter.d_model * (4 if dtype == "float32" else 2) * len(layers)
+        rows_per_shard = max(64, SHARD_TARGET_BYTES // bytes_per_row)
+    writer = ShardWriter(
+        out_dir, layers, adapter.d_model, dtype, positions,
+        model_info=model_info if model_info is not None else default_model_info(model),
+        prompt_info=prompt_info if prompt_info is not None else prompt_info_from_records(records),
+        rows_per_shard=rows_per_shard, chat_template=chat_template, max_length=max_length, background=True,
+    )
+    todo = [r for r in records if r.id not in writer.stored_prompt_ids]
+    with writer, torch.inference_mode():
+        if todo:
+            batches = prefetched_batches(tokenizer, todo, batch_size, chat_template, max_length)
+            try:
+                _run_batches(adapter, writer, batches, layers, positions, dtype, len(todo), progress)
+            finally:
+                batches.close()
+        writer.finish()
+    return Path(out_dir)
+
+
+def _run_batches(
+    adapter: ModelAdapter, writer: ShardWriter, batches: Any, layers: list[int], positions: str,
+    dtype: str, n_prompts: int, progress: bool,
+) -> None:
+    """Forward each batch; the device→host copy of batch i overlaps the forward of batch i+1 on a GPU."""
+    on_cuda = adapter.device.type == "cuda"
+    bar = tqdm(total=n_prompts, unit="prompt", desc="harvest", disable=not progress, dynamic_ncols=True)
+    started, done_prompts, done_tokens = time.perf_counter(), 0, 0
+    pending: tuple[PromptBatch, dict[int, torch.Tensor], Any] | None = None
+
+    def drain(item: tuple[PromptBatch, dict[int, torch.Tensor], Any]) -> None:
+        nonlocal done_prompts, done_tokens
+        batch, rows, event = item
+        if event is not None:
+            event.synchronize()
+        _store_batch(writer, batch, rows, positions)
+        done_prompts += len(batch.records)
+        done_tokens += batch.n_tokens
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        bar.update(len(batch.records))
+        bar.set_postfix(prompts_s=f"{done_prompts / elapsed:.1f}", tok_s=f"{done_tokens / elapsed:.0f}")
+
+    try:
+        for batch in batches:
+            captured = _capture_batch(adapter, batch, layers, positions, dtype)
+            rows = {layer: t.to("cpu", non_blocking=on_cuda) for layer, t in captured.items()}
+            event = None
+            if on_cuda:
+                event = torch.cuda.Event()
+                event.record()
+            if pending is not None:
+                drain(pending)
+            pending = (batch, rows, event)
+        if pending is not None:
+            drain(pending)
+    finally:
+        bar.close()
