@@ -29,6 +29,31 @@ CATEGORY_COLORS: dict[str, str] = {
 
 _EXTRA_COLORS = ("#8c564b", "#e377c2", "#bcbd22", "#393b79", "#637939", "#843c39", "#7b4173")
 
+BASELINE_COLOR = "#4d4d4d"
+"""Dark grey: the `baseline` condition in every bar chart, so interventions stand out against it."""
+
+CONDITION_PALETTE: tuple[str, ...] = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#17becf", "#e377c2", "#bcbd22", "#8c564b",
+    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#9edae5", "#f7b6d2", "#dbdb8d", "#c49c94",
+)
+"""Qualitative colours for conditions (tab10 without grey, then the light tab20 tones): distinct hues first."""
+
+MAX_BAR_FIGURE_WIDTH = 11.0
+"""Widest a bar chart gets (inches), however many conditions and categories it holds."""
+
+
+def condition_colors(conditions: Sequence[str], avoid: Sequence[str] = ()) -> dict[str, str]:
+    """A distinct colour per condition, in order: `baseline` dark grey, the others from CONDITION_PALETTE
+    without the colours in `avoid` (cycling only when the palette runs out)."""
+    palette = [c for c in CONDITION_PALETTE if c not in set(avoid)] or list(CONDITION_PALETTE)
+    colors: dict[str, str] = {}
+    others = [c for c in dict.fromkeys(conditions) if c != "baseline"]
+    if "baseline" in conditions:
+        colors["baseline"] = BASELINE_COLOR
+    for i, cond in enumerate(others):
+        colors[cond] = palette[i % len(palette)]
+    return colors
+
 
 def color_for(label: str, extra_labels: Sequence[str] = ()) -> str:
     """Colour of a category; labels outside CATEGORIES get a colour by their rank in `extra_labels`."""
@@ -100,7 +125,9 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], out_png: str | os.PathLik
     fig = Figure(figsize=(6.5, 5))
     ax = fig.add_subplot(1, 1, 1)
     conditions = list(dict.fromkeys(str(p["condition"]) for p in points))
-    for ci, cond in enumerate(conditions):
+    named = [c for c in conditions if c in CATEGORY_COLORS]  # a condition named like a category keeps its colour
+    palette = condition_colors([c for c in conditions if c not in named], avoid=[CATEGORY_COLORS[c] for c in named])
+    for cond in conditions:
         series = sorted((p for p in points if str(p["condition"]) == cond), key=lambda p: float(p["strength"]))
         xs, ys, xerr, yerr = [], [], [[], []], [[], []]
         for p in series:
@@ -111,7 +138,7 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], out_png: str | os.PathLik
             xerr[0].append(xl), xerr[1].append(xh), yerr[0].append(yl), yerr[1].append(yh)
             ax.annotate(f"{p['strength']:g}" if isinstance(p["strength"], (int, float)) else str(p["strength"]),
                         (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        color = _EXTRA_COLORS[ci % len(_EXTRA_COLORS)] if cond not in CATEGORY_COLORS else CATEGORY_COLORS[cond]
+        color = CATEGORY_COLORS[cond] if cond in named else palette[cond]
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", ms=4, capsize=2, lw=1, color=color, label=cond)
     ax.set_xlabel("over-refusal rate (benign prompts refused)")
     ax.set_ylabel("harmful refusal rate")
@@ -134,7 +161,8 @@ def plot_training_curves(
         raise ValueError("plot_training_curves got no metrics besides 'step'")
     cols = min(3, len(names))
     rows = int(np.ceil(len(names) / cols))
-    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+    # constrained layout leaves room for the suptitle above the panel titles
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows + (0.4 if title else 0.0)), layout="constrained")
     for k, name in enumerate(names):
         ax = fig.add_subplot(rows, cols, k + 1)
         for seed in sorted(metrics_by_seed):
@@ -155,18 +183,32 @@ def plot_training_curves(
     return save_fig(fig, out_png)
 
 
+def _n_label(table: Mapping[str, Mapping[str, Mapping[str, Any]]], conditions: Sequence[str], category: str) -> str:
+    """`n=60` when every condition has the same n for `category`, else the range `n=58–60`."""
+    ns = [table[c][category].get("n") for c in conditions if category in table[c]]
+    known = sorted({int(n) for n in ns if n is not None})
+    if not known:
+        return "n=?"
+    return f"n={known[0]}" if len(known) == 1 else f"n={known[0]}–{known[-1]}"
+
+
 def plot_rate_bars(table: Mapping[str, Mapping[str, Mapping[str, Any]]], out_png: str | os.PathLike[str],
                    title: str = "", ylabel: str = "refusal rate") -> Path:
     """Grouped bars: categories on x, one bar per condition, 95% CI error bars, n under each group.
 
     `table`: condition -> category -> `{rate, ci, n}`. Cells with n = 0 get no bar and "n=0".
+    The figure is at most MAX_BAR_FIGURE_WIDTH wide (labels rotate and shrink when crowded), the
+    legend sits outside the axes on the right, each condition has its own colour
+    (`condition_colors`), and a group's n is shown once when every condition shares it.
     """
     if not table:
         raise ValueError("plot_rate_bars got an empty table")
     conditions = list(table)
     categories = ordered_labels([c for cond in conditions for c in table[cond]])
+    colors = condition_colors(conditions)
     width = 0.8 / len(conditions)
-    fig = Figure(figsize=(max(6.0, 1.3 * len(categories) * max(1, len(conditions)) ** 0.5), 4.5))
+    wanted = 1.3 * len(categories) * max(1, len(conditions)) ** 0.5
+    fig = Figure(figsize=(min(MAX_BAR_FIGURE_WIDTH, max(6.0, wanted)), 4.5))
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(categories), dtype=np.float64)
     for ci, cond in enumerate(conditions):
@@ -180,18 +222,21 @@ def plot_rate_bars(table: Mapping[str, Mapping[str, Mapping[str, Any]]], out_png
                 ax.text(xi + offset, 0.01, "n=0", ha="center", fontsize=6, rotation=90)
                 continue
             value, el, eh = _rate_and_err(cell, f"cell ({cond}, {cat})")
-            ax.bar(xi + offset, value, width, yerr=[[el], [eh]], capsize=2,
-                   color=_EXTRA_COLORS[ci % len(_EXTRA_COLORS)], edgecolor="black", lw=0.4, label=legend_label)
+            ax.bar(xi + offset, value, width, yerr=[[el], [eh]], capsize=min(2.0, 12.0 * width),
+                   color=colors[cond], edgecolor="black", lw=0.4, label=legend_label)
             legend_label = None  # one legend entry per condition
+    crowded = wanted > MAX_BAR_FIGURE_WIDTH or len(categories) > 6
     ax.set_xticks(x)
-    ns = [", ".join(str(table[c][cat].get("n", "?")) for c in conditions if cat in table[c]) for cat in categories]
-    ax.set_xticklabels([f"{cat}\n(n={n})" for cat, n in zip(categories, ns)], fontsize=8)
+    ax.set_xticklabels([f"{cat}\n({_n_label(table, conditions, cat)})" for cat in categories],
+                       fontsize=7 if crowded else 8, rotation=30 if crowded else 0, ha="right" if crowded else "center",
+                       rotation_mode="anchor")
     for tick, cat in zip(ax.get_xticklabels(), categories):
         tick.set_color(color_for(cat, categories))
+    ax.set_xlim(-0.5, len(categories) - 0.5)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, title="condition")
+    ax.legend(fontsize=7 if len(conditions) > 8 else 8, title="condition", loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     ax.set_title(title or "Rates by condition and category (95% CI)")
     return save_fig(fig, out_png)
-

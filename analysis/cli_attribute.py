@@ -1,0 +1,174 @@
+"""`refusal-sae attribute`: attribution patching of the refusal decision onto residual units or SAE features.
+
+Example::
+
+    refusal-sae attribute --model runs/pipe/refusal_model/model --layer 9 --prompts builtin:quickstart \
+        --split eval --sae runs/sae/seed_0 --top 20 --validate-top 16 --n-pairs 16 --out attribution.json
+
+Pairs: clean prompt i is the i-th refusal-category prompt of the split (categories taken in turn, so
+every category is represented), corrupt prompt i the i-th benign prompt. Each chunk of pairs is
+encoded as ONE left-padded batch, so clean and corrupt rows have the same length. Metric: refusal
+log-odds log p(five refusal tokens) − log p([respond]) at the last prompt position
+(`refusal_margin_metric`). A unit's score is (e_corrupt − e_clean) · ∂metric/∂e at the clean run
+(`attribution_patching`), averaged over pairs; units are ranked by |mean score|. For the top
+`--validate-top` units, real activation patching measures the change of the metric and the Spearman
+rank correlation between predicted and measured effects is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from activations.records import BENIGN, REFUSAL_CATEGORIES, SPLITS, PromptRecord
+from analysis.cli_common import run_cli
+
+METRIC_TEXT = "log p(refusal tokens) - log p([respond]) at the last prompt position"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refusal-sae attribute", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="refusal-token model folder (or hub id with --tokens)")
+    parser.add_argument("--layer", required=True, type=int, help="block whose output units are scored")
+    parser.add_argument("--prompts", required=True, nargs="+", metavar="SPEC", help="prompt source specs")
+    parser.add_argument("--split", choices=SPLITS, default="eval", help="split the pairs come from (default eval)")
+    parser.add_argument("--sae", type=Path, default=None, help="one exported SAE folder (RUN/seed_<s>): score its latents")
+    parser.add_argument("--categories", nargs="+", choices=REFUSAL_CATEGORIES, default=list(REFUSAL_CATEGORIES),
+                        metavar="CATEGORY", help="refusal categories of the clean prompts (default: all five)")
+    parser.add_argument("--top", type=int, default=20, help="units reported (by |mean score|)")
+    parser.add_argument("--validate-top", type=int, default=16, help="top units checked by activation patching (0 = off)")
+    parser.add_argument("--n-pairs", type=int, default=16, help="clean/corrupt prompt pairs")
+    parser.add_argument("--positions", choices=("last", "all"), default="last", help="positions whose units are patched")
+    parser.add_argument("--tokens", default=None,
+                        help="refusal-token preset (default, llama3) or JSON file; default MODEL/refusal_tokens.json")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward/backward")
+    parser.add_argument("--max-length", type=int, default=512, help="prompt tokens kept (left truncation)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set's split assignment")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--out", type=Path, default=Path("attribution.json"), help="output JSON")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("top", "n_pairs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.validate_top != 0 and args.validate_top < 3:
+        raise ValueError(f"--validate-top must be 0 (off) or >= 3 for a rank correlation, got {args.validate_top}")
+
+
+def make_pairs(records: list[PromptRecord], categories: list[str], n_pairs: int, split: str) -> list[tuple[PromptRecord, PromptRecord]]:
+    """`n_pairs` (clean, corrupt) pairs: refusal prompts taken from the categories in turn, benign prompts in order."""
+    by_category = {c: [r for r in records if r.category == c] for c in categories}
+    clean: list[PromptRecord] = []
+    for i in range(max((len(v) for v in by_category.values()), default=0)):
+        clean += [rows[i] for rows in by_category.values() if i < len(rows)]
+    corrupt = [r for r in records if r.category == BENIGN]
+    for side, pool, what in (("clean", clean, f"refusal-category ({', '.join(categories)})"), ("corrupt", corrupt, "benign")):
+        if len(pool) < n_pairs:
+            raise ValueError(f"--n-pairs {n_pairs} needs {n_pairs} {what} prompts for the {side} side, "
+                             f"but the {split} split has {len(pool)}")
+    return list(zip(clean[:n_pairs], corrupt[:n_pairs]))
+
+
+def encoded_chunks(tokenizer: Any, pairs: list[tuple[PromptRecord, PromptRecord]], batch_size: int,
+                   max_length: int, device: Any) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Per chunk of pairs: (clean inputs, corrupt inputs), both halves of one left-padded batch (same length)."""
+    from activations.tokenize import encode_prompts
+
+    chunks = []
+    for start in range(0, len(pairs), batch_size):
+        part = pairs[start:start + batch_size]
+        batch = encode_prompts(tokenizer, [c.text for c, _ in part] + [b.text for _, b in part],
+                               chat_template=True, max_length=max_length, device=device)
+        m = len(part)
+        chunks.append(({k: v[:m] for k, v in batch.items()}, {k: v[m:] for k, v in batch.items()}))
+    return chunks
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Load model (and SAE), score every unit, validate the top ones; write and return the report."""
+    from scipy.stats import spearmanr
+
+    from activations.adapter import ModelAdapter
+    from analysis.attribution import activation_patching, attribution_patching
+    from analysis.cli_common import load_one_sae, load_records, load_target, write_result
+    from analysis.logit_metrics import refusal_margin_metric
+
+    check_args(args)
+    records = load_records(args.prompts, args.split, args.seed)
+    pairs = make_pairs(records, list(args.categories), args.n_pairs, args.split)
+    model, tokenizer, spec = load_target(args.model, args.tokens, args.device, args.dtype)
+    adapter = ModelAdapter(model)
+    adapter.check_layer(args.layer)
+    sae = None if args.sae is None else load_one_sae(args.sae, args.layer, adapter.d_model, str(adapter.device))[0]
+    ids = spec.token_ids(tokenizer)  # class order: [respond] first, then the five refusal tokens
+    metric = refusal_margin_metric(ids[1:], ids[0])
+    chunks = encoded_chunks(tokenizer, pairs, args.batch_size, args.max_length, adapter.device)
+
+    found = [attribution_patching(adapter, clean, corrupt, args.layer, metric, sae, args.positions)
+             for clean, corrupt in chunks]
+    scores = torch.cat([a.scores for a in found]).numpy()  # (n_pairs, n_units) float64
+    clean_metric = torch.cat([a.clean_metric for a in found]).numpy()
+    corrupt_metric = torch.cat([a.corrupt_metric for a in found]).numpy()
+    mean = scores.mean(axis=0)
+    std = scores.std(axis=0, ddof=1) if len(pairs) > 1 else np.zeros_like(mean)
+    order = np.argsort(-np.abs(mean), kind="stable")
+    top = [{"rank": r + 1, "unit": int(u), "mean_score": float(mean[u]), "std": float(std[u])}
+           for r, u in enumerate(order[:args.top])]
+
+    validation = None
+    n_check = min(args.validate_top, mean.size)
+    if n_check >= 3:
+        units = [int(u) for u in order[:n_check]]
+        effects = torch.cat([activation_patching(adapter, clean, corrupt, args.layer, metric, sae, args.positions,
+                                                 units).effects for clean, corrupt in chunks]).numpy()
+        measured = effects.mean(axis=0)
+        result = spearmanr(mean[units], measured)
+        validation = {"spearman": float(result.statistic), "p_value": float(result.pvalue), "n_units": len(units),
+                      "units": [{"unit": u, "attribution": float(mean[u]), "patching": float(e)}
+                                for u, e in zip(units, measured)]}
+
+    payload = {
+        "schema_version": 1, "command": "attribute", "model": args.model, "layer": args.layer,
+        "space": "residual" if sae is None else "sae", "sae": None if args.sae is None else str(args.sae),
+        "n_units": int(mean.size), "metric": METRIC_TEXT, "positions": args.positions,
+        "prompts": list(args.prompts), "split": args.split, "seed": args.seed, "n_pairs": len(pairs),
+        "pairs": [{"clean": c.id, "clean_category": c.category, "corrupt": b.id} for c, b in pairs],
+        "clean_metric": {"mean": float(clean_metric.mean()), "values": clean_metric.tolist()},
+        "corrupt_metric": {"mean": float(corrupt_metric.mean()), "values": corrupt_metric.tolist()},
+        "top": top, "validation": validation,
+    }
+    write_result(args.out, payload)
+    return payload
+
+
+def show(args: argparse.Namespace, payload: dict[str, Any]) -> None:
+    unit = "feature" if payload["space"] == "sae" else "unit"
+    print(f"attribution at layer {payload['layer']} ({payload['space']} space, {payload['n_units']} {unit}s), "
+          f"{payload['n_pairs']} pairs; metric {payload['metric']}")
+    print(f"mean metric: clean {payload['clean_metric']['mean']:.3f}, corrupt {payload['corrupt_metric']['mean']:.3f}")
+    checked = {} if payload["validation"] is None else {u["unit"]: u["patching"] for u in payload["validation"]["units"]}
+    print(f"{'rank':>4} {unit:>8} {'mean score':>11} {'std':>9} {'patched':>9}")
+    for row in payload["top"]:
+        patched = f"{checked[row['unit']]:>9.4f}" if row["unit"] in checked else f"{'':>9}"
+        print(f"{row['rank']:>4} {row['unit']:>8} {row['mean_score']:>11.4f} {row['std']:>9.4f} {patched}")
+    if payload["validation"] is not None:
+        v = payload["validation"]
+        rho = "nan" if v["spearman"] is None else f"{v['spearman']:.3f}"
+        print(f"Spearman(attribution, activation patching) over the top {v['n_units']}: {rho}")
+    print(f"wrote {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `refusal-sae attribute`; returns the exit status (2 on bad input)."""
+    return run_cli(build_parser(), run, show, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
