@@ -1,0 +1,92 @@
+"""Micro-benchmarks of the sparse primitives behind the SAE step, and a profile of one step (GPU).
+
+    python bench/sae_kernels_micro.py [--batches 4096 16384] [--profile]
+
+Times, for d_in 4096, 65,536 latents, k 64: the alternatives for Sᵀ·D (the weight gradients),
+for the gathered dot products (grad of the decoder's latent values), and the encoder forward pieces.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.sae_step import time_ms  # noqa: E402
+from sae.kernels import scatter_rows_matmul, sparse_decode  # noqa: E402
+
+
+def dense_matmul(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor, n_rows: int) -> torch.Tensor:
+    g = torch.zeros(indices.shape[0], n_rows, device=indices.device, dtype=dense.dtype)
+    g.scatter_(1, indices, weights.to(dense.dtype))
+    return g.t() @ dense
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    dev = torch.device("cuda")
+    d_in, d_sae, k = 4096, 65536, 64
+    W = torch.randn(d_sae, d_in, device=dev) / 64
+    Wb = W.bfloat16()
+    for batch in args.batches:
+        x = torch.randn(batch, d_in, device=dev)
+        xb = x.bfloat16()
+        idx = torch.randint(0, d_sae, (batch, k), device=dev)
+        w = torch.randn(batch, k, device=dev)
+        print(f"batch {batch}")
+        cases = {
+            "StD csr fp32 (ours)": lambda: scatter_rows_matmul(idx, w, x, d_sae),
+            "StD dense bf16": lambda: dense_matmul(idx, w, xb, d_sae),
+            "decode (ours, fp32 csr)": lambda: sparse_decode(w, idx.sort(dim=1).values, W),
+            "dense dot bf16 (x @ Wᵀ, gather)": lambda: (xb @ Wb.t()).gather(1, idx),
+            "embedding_bag bf16": lambda: F.embedding_bag(idx, Wb, per_sample_weights=w.bfloat16(), mode="sum"),
+            "encoder matmul bf16": lambda: xb @ Wb.t(),
+            "topk(64) of (batch, d_sae) bf16": None,
+            "W fp32->bf16 transposed copy": lambda: W.t().bfloat16().contiguous(),
+        }
+        crow = torch.arange(0, batch * k + 1, k, device=dev)
+        csr_f = torch.sparse_csr_tensor(crow, idx.reshape(-1), w.reshape(-1), (batch, d_sae))
+        csr_b = torch.sparse_csr_tensor(crow, idx.reshape(-1), w.reshape(-1).bfloat16(), (batch, d_sae))
+        W_in_rows = W.t().contiguous().t()  # (d_sae, d_in) column-major view: why the encoder is stored by rows
+        cases.update({
+            "decode csr fp32 @ W": lambda: csr_f @ W,
+            "decode csr bf16 @ Wb": lambda: csr_b @ Wb,
+            "grad_x csr fp32 @ column-major view": lambda: csr_f @ W_in_rows,
+            "sddmm fp32 (sampled_addmm)": lambda: torch.sparse.sampled_addmm(csr_f, x, W.t(), beta=0.0),
+        })
+        pre = xb @ Wb.t()
+        cases["topk(64) of (batch, d_sae) bf16"] = lambda: pre.topk(k, dim=-1, sorted=False)
+        for name, fn in cases.items():
+            try:
+                print(f"  {name:<36} {time_ms(fn, args.steps, 2, dev):8.2f} ms", flush=True)
+            except Exception as exc:  # a variant unsupported on this build
+                print(f"  {name:<36} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+        del pre
+        torch.cuda.empty_cache()
+    if args.profile:
+        from sae.config import SAEConfig
+        from sae.step import BareTrainer
+
+        trainer = BareTrainer(SAEConfig(d_in=d_in, d_sae=d_sae, k=k), [0], lr=1e-4, device=dev, autocast_dtype=torch.bfloat16)
+        x = torch.randn(args.batches[-1], d_in, device=dev)
+        for _ in range(3):
+            trainer.step(x)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                trainer.step(x)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

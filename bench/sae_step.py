@@ -1,0 +1,249 @@
+"""Time one SAE training step: ours vs EleutherAI sparsify (eai-sparsify 1.3.3) on identical data.
+
+    python bench/sae_step.py                 # GPU: d_in 4096, 65,536 latents, k 64, batches 4096 and 16384, bf16
+    python bench/sae_step.py --cpu-smoke     # tiny sizes on the CPU (checks the script runs)
+
+A step = forward, backward, removal of the decoder-parallel gradient, Adam (fused on CUDA) and
+decoder renormalisation, for both libraries. Printed per batch size: ms/step and activations/s of
+each, the ratio ours/sparsify, a floor (encoder matmul alone + Adam's memory traffic at the
+measured copy bandwidth) and our full Lightning `fit` loop per step vs our bare step (overhead %).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sae.config import SAEConfig  # noqa: E402
+from sae.step import BareTrainer  # noqa: E402
+
+ADAM_BYTES_PER_PARAM = 28  # fp32: read param, grad, m, v (16 B) + write param, m, v (12 B)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
+    """Mean wall time of `fn` in ms over `steps` calls after `warmup` calls (synchronised at the ends only)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1000 / steps
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def check_kernel(device: torch.device) -> None:
+    """Our sparse backward passes vs dense autograd on this device (float32), before any timing."""
+    from sae.kernels import sparse_decode, topk_pre_acts
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # an exact float32 reference
+    g = torch.Generator(device).manual_seed(1)
+    x, W, b, W_dec = (torch.randn(*shape, device=device, generator=g, requires_grad=True)
+                      for shape in ((64, 128), (1024, 128), (1024,), (1024, 128)))
+    dead = torch.rand(1024, device=device, generator=g) > 0.5
+    weights = torch.randn(64, 1024, device=device, generator=g)  # a weight per (row, latent): order-free loss
+    upstream = torch.randn(64, 128, device=device, generator=g)
+
+    def loss(values: torch.Tensor, idx: torch.Tensor, aux: torch.Tensor, aux_idx: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+        return (values * weights.gather(1, idx)).sum() + (aux.relu() * weights.gather(1, aux_idx)).sum() + (decoded * upstream).sum()
+
+    values, idx, aux, aux_idx = topk_pre_acts(x, W, b, 16, aux_mask=dead, k_aux=8, compute_dtype=torch.float32)
+    ours = torch.autograd.grad(loss(values, idx, aux, aux_idx, sparse_decode(values.relu(), idx, W_dec)), (x, W, b, W_dec))
+    pre = x @ W.t() + b
+    ref_values, ref_idx = pre.topk(16, sorted=False)
+    ref_aux, ref_aux_idx = pre.masked_fill(~dead, float("-inf")).topk(8, sorted=False)
+    dense_codes = torch.zeros_like(pre).scatter(1, ref_idx, ref_values.relu())
+    ref = torch.autograd.grad(loss(ref_values, ref_idx, ref_aux, ref_aux_idx, dense_codes @ W_dec), (x, W, b, W_dec))
+    worst = max(float((a - r).abs().max() / r.abs().max().clamp_min(1e-12)) for a, r in zip(ours, ref))
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    print(f"kernel check on {device.type}: max relative gradient error vs dense autograd {worst:.2e}", flush=True)
+    if worst > 1e-4:
+        raise RuntimeError("sparse backward disagrees with dense autograd")
+
+
+def bench_ours(cfg: SAEConfig, x: torch.Tensor, args: argparse.Namespace, dtype: torch.dtype | None) -> float:
+    trainer = BareTrainer(cfg, seeds=[0], lr=1e-4, device=x.device, autocast_dtype=dtype)
+    ms = time_ms(lambda: trainer.step(x), args.steps, args.warmup, x.device)
+    if args.breakdown:
+        sae = trainer.saes[0]
+        autocast = lambda: torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
+
+        def forward() -> None:
+            with autocast():
+                sae(x)
+
+        def forward_backward() -> None:
+            with autocast():
+                loss = sae(x).fvu
+            loss.backward()
+            sae.zero_grad(set_to_none=True)
+
+        fwd = time_ms(forward, args.steps, args.warmup, x.device)
+        fwd_bwd = time_ms(forward_backward, args.steps, args.warmup, x.device)
+        print(f"  ours at batch {x.shape[0]}: forward {fwd:.2f} ms, backward {fwd_bwd - fwd:.2f} ms, "
+              f"optimizer + decoder constraint {ms - fwd_bwd:.2f} ms", flush=True)
+    del trainer
+    free_memory(x.device)
+    return ms
+
+
+def bench_sparsify(cfg: SAEConfig, x: torch.Tensor, args: argparse.Namespace) -> float | None:
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError as exc:
+        print(f"sparsify is not importable ({exc}); timing ours only", flush=True)
+        return None
+    known = {f.name for f in dataclasses.fields(SparseCoderConfig)}
+    options = {"num_latents": cfg.num_latents, "k": cfg.k, "expansion_factor": cfg.num_latents // cfg.d_in}
+    coder = SparseCoder(cfg.d_in, SparseCoderConfig(**{k: v for k, v in options.items() if k in known}), device=x.device)
+    fused = True if x.device.type == "cuda" else None
+    optimizer = torch.optim.Adam(coder.parameters(), lr=1e-4, eps=6.25e-10, fused=fused)
+
+    def step() -> None:  # sparsify's forward wraps itself in bf16 autocast on CUDA
+        out = coder(x)
+        out.fvu.backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        coder.set_decoder_norm_to_unit_norm()
+
+    ms = time_ms(step, args.steps, args.warmup, x.device)
+    del coder, optimizer
+    free_memory(x.device)
+    return ms
+
+
+def bench_floor(cfg: SAEConfig, x: torch.Tensor, args: argparse.Namespace, dtype: torch.dtype) -> tuple[float, float]:
+    """(encoder matmul ms, Adam memory-traffic ms at the measured device-copy bandwidth)."""
+    w = torch.randn(cfg.d_in, cfg.num_latents, device=x.device, dtype=dtype)
+    xc = x.to(dtype)
+    matmul_ms = time_ms(lambda: xc @ w, args.steps, args.warmup, x.device)
+    del w
+    buf = torch.empty(64 * 2**20, device=x.device, dtype=torch.float32)  # 256 MiB
+    dst = torch.empty_like(buf)
+    copy_ms = time_ms(lambda: dst.copy_(buf), args.steps, args.warmup, x.device)
+    bandwidth = 2 * buf.numel() * 4 / (copy_ms / 1000)  # bytes read + written per second
+    del buf, dst
+    free_memory(x.device)
+    n_params = 2 * cfg.d_in * cfg.num_latents
+    return matmul_ms, n_params * ADAM_BYTES_PER_PARAM / bandwidth * 1000
+
+
+def bench_fit(cfg: SAEConfig, batch: int, args: argparse.Namespace, device: torch.device, precision: str) -> float:
+    """ms/step of the full Lightning fit loop (in-memory data module, CSV logger every 50 steps)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from activations.store import ShardWriter
+    from sae.data import ShardDataModule
+    from sae.module import SAELightningModule
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.start = self.end = 0.0
+
+        def on_train_batch_start(self, trainer: pl.Trainer, *_: object) -> None:
+            if trainer.global_step == args.warmup:
+                sync(device)
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: pl.Trainer, *_: object) -> None:
+            if trainer.global_step == args.warmup + args.steps:
+                sync(device)
+                self.end = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = 4 * batch
+        writer = ShardWriter(Path(tmp) / "store", layers=[0], d_model=cfg.d_in, dtype="float16", positions="all",
+                             rows_per_shard=rows, chat_template=False)
+        rng = np.random.default_rng(0)
+        for part in range(4):
+            writer.add_prompt(f"p{part}", "benign", "extract", np.arange(batch), np.zeros(batch),
+                              {0: rng.standard_normal((batch, cfg.d_in), dtype=np.float32)})
+        writer.finish()
+        datamodule = ShardDataModule(str(Path(tmp) / "store"), 0, batch_size=batch, in_memory=True,
+                                     device_dtype="bfloat16" if device.type == "cuda" else "float32", init_rows=4096)
+        timer = StepTimer()
+        trainer = pl.Trainer(
+            max_steps=args.warmup + args.steps, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+            precision=precision, logger=CSVLogger(tmp, name="logs"), log_every_n_steps=50, callbacks=[timer],
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, limit_val_batches=0,
+        )
+        trainer.fit(SAELightningModule(cfg, seeds=[0], lr=1e-4), datamodule=datamodule)
+        del trainer, datamodule
+    free_memory(device)
+    return (timer.end - timer.start) * 1000 / args.steps
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU")
+    parser.add_argument("--d-in", type=int, default=4096)
+    parser.add_argument("--latents", type=int, default=65536)
+    parser.add_argument("-k", type=int, default=64)
+    parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--no-fit", action="store_true", help="skip the Lightning fit-loop timing")
+    parser.add_argument("--breakdown", action="store_true", help="also time our forward and backward alone")
+    args = parser.parse_args()
+    if args.cpu_smoke:
+        args.d_in, args.latents, args.k, args.batches, args.steps, args.warmup = 64, 512, 8, [128, 256], 5, 2
+        device, dtype, precision = torch.device("cpu"), None, "32-true"
+    else:
+        if not torch.cuda.is_available():
+            print("error: no CUDA device; use --cpu-smoke", file=sys.stderr)
+            return 2
+        device, dtype, precision = torch.device("cuda"), torch.bfloat16, "bf16-mixed"
+        torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = SAEConfig(d_in=args.d_in, d_sae=args.latents, k=args.k)
+    check_kernel(device)
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"d_in {cfg.d_in}, latents {cfg.num_latents}, k {cfg.k}, compute {dtype or torch.float32}", flush=True)
+    header = f"{'batch':>6} {'ours ms':>9} {'ours act/s':>11} {'sparsify ms':>12} {'sparsify act/s':>15} {'ours/sparsify':>14} " \
+             f"{'floor ms':>9} {'(matmul+adam)':>14} {'fit ms':>8} {'overhead':>9}"
+    rows = []
+    for batch in args.batches:
+        x = torch.randn(batch, cfg.d_in, device=device, generator=torch.Generator(device).manual_seed(0))
+        ours = bench_ours(cfg, x, args, dtype)
+        theirs = bench_sparsify(cfg, x, args)
+        matmul_ms, adam_ms = bench_floor(cfg, x, args, dtype or torch.float32)
+        del x
+        free_memory(device)
+        fit_ms = None if args.no_fit else bench_fit(cfg, batch, args, device, precision)
+        rows.append(
+            f"{batch:>6} {ours:>9.2f} {batch / ours * 1000:>11.3g} "
+            + (f"{theirs:>12.2f} {batch / theirs * 1000:>15.3g} {ours / theirs:>14.2f} " if theirs else f"{'-':>12} {'-':>15} {'-':>14} ")
+            + f"{matmul_ms + adam_ms:>9.2f} {f'{matmul_ms:.1f}+{adam_ms:.1f}':>14} "
+            + (f"{fit_ms:>8.2f} {100 * (fit_ms - ours) / ours:>8.1f}%" if fit_ms else f"{'-':>8} {'-':>9}")
+        )
+        print(rows[-1], flush=True)
+    print("\n" + header + "\n" + "\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

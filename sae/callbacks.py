@@ -1,0 +1,145 @@
+"""End-of-training export: per-seed SAELens folders, per-seed metrics.csv, RUN/metrics.json, a table.
+
+Run layout written here (see docs/sae.md):
+
+    RUN/seed_<s>/{sae.safetensors, sae_weights.safetensors -> sae.safetensors, cfg.json, metrics.csv}
+    RUN/metrics.json        per-seed final fvu, l0, dead_fraction (+ n and Wilson 95% CI), steps
+    RUN/logs/version_<n>/metrics.csv   Lightning CSV logs (one version per (re)start)
+    RUN/ckpt/last.ckpt      Lightning checkpoint for resuming
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from activations.store_format import write_json_atomic
+from sae.export import save_sae
+from sae.tracking import evaluate_sae, wilson_interval
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def merged_log_rows(logs_dir: Path) -> list[dict[str, str]]:
+    """Rows of every `logs/version_*/metrics.csv`, one per step (a later run's row wins)."""
+    by_step: dict[int, dict[str, str]] = {}
+    versions = sorted(logs_dir.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    for path in versions:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if row.get("step", "") == "":
+                    continue
+                step = int(float(row["step"]))
+                merged = by_step.setdefault(step, {})
+                merged.update({k: v for k, v in row.items() if v != ""})
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def write_seed_csv(rows: list[dict[str, str]], seed: int, path: Path) -> None:
+    """`step,<metric>...` columns of one seed (prefix `seed<s>/` stripped), written atomically."""
+    prefix = f"seed{seed}/"
+    names = sorted({k[len(prefix):] for row in rows for k in row if k.startswith(prefix)})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["step", *names])
+    for row in rows:
+        if any(prefix + n in row for n in names):
+            writer.writerow([row["step"], *(row.get(prefix + n, "") for n in names)])
+    _write_text_atomic(path, buffer.getvalue())
+
+
+def format_table(per_seed: dict[str, dict[str, Any]]) -> str:
+    """Plain-text table of the final metrics."""
+    lines = [f"{'seed':>6} {'fvu':>9} {'l0':>8} {'dead_fraction':>14} {'steps':>8}"]
+    for seed, m in per_seed.items():
+        lines.append(f"{seed:>6} {m['fvu']:>9.4f} {m['l0']:>8.2f} {m['dead_fraction']:>14.4f} {m['steps']:>8d}")
+    return "\n".join(lines)
+
+
+class RunExport(pl.Callback):
+    """At the end of `fit`: check ranks agree, score every seed, export, write metrics, print a table.
+
+    Args:
+        out_dir: the run folder.
+        layer: the residual layer trained on (for cfg.json's hook name).
+        print_table: print the final metrics table (rank 0).
+    """
+
+    def __init__(self, out_dir: str | Path, layer: int, print_table: bool = True) -> None:
+        self.out_dir = Path(out_dir)
+        self.layer = int(layer)
+        self.print_table = print_table
+        self.metrics: dict[str, dict[str, Any]] = {}
+
+    def _check_ranks_agree(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        """Every rank must hold the same weights and latent statistics (a DDP sanity check)."""
+        if trainer.world_size == 1:
+            return
+        local = torch.stack([
+            sae.W_dec.detach().double().sum() + sae.W_enc.detach().double().sum()
+            + tracker.tokens_since_fired.double().sum()
+            for sae, tracker in zip(module.saes, module.trackers)
+        ])
+        gathered = trainer.strategy.all_gather(local)
+        if not torch.allclose(gathered, gathered[0:1].expand_as(gathered), rtol=1e-9, atol=0):
+            raise RuntimeError(f"data-parallel ranks hold different SAE weights: checksums {gathered.tolist()}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.monitor.raise_if_bad()
+        self._check_ranks_agree(trainer, pl_module)
+        if trainer.is_global_zero:
+            self.export(trainer, pl_module)
+        trainer.strategy.barrier("sae-export")
+
+    def export(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        manifest = datamodule.manifest
+        model_info = manifest.get("model") or {}
+        for logger in trainer.loggers:
+            logger.save()
+        log_rows = merged_log_rows(self.out_dir / "logs")
+        steps = int(trainer.global_step)
+        for seed, sae, tracker in zip(module.seeds, module.saes, module.trackers):
+            split, batches = datamodule.metrics_batches()
+            scores = evaluate_sae(sae, batches)
+            n_dead = int(tracker.dead_mask().sum())
+            lo, hi = wilson_interval(n_dead, sae.d_sae)
+            record = {
+                "fvu": scores["fvu"], "l0": scores["l0"], "n_rows": scores["n_rows"], "metrics_split": split,
+                "dead_fraction": n_dead / sae.d_sae, "dead_fraction_ci": [lo, hi], "n_latents": sae.d_sae,
+                "never_fired_fraction": scores["never_fired_fraction"], "steps": steps,
+            }
+            self.metrics[str(seed)] = record
+            seed_dir = self.out_dir / f"seed_{seed}"
+            save_sae(
+                sae, seed_dir,
+                meta={
+                    "layer": self.layer, "seed": seed, "model_name": str(model_info.get("id", "")),
+                    "context_size": manifest.get("max_length"), "prepend_bos": True,
+                    "dataset_path": str(datamodule.shards_dir), "shards_manifest_sha256": datamodule.manifest_sha256,
+                    "split": datamodule.split, "final_metrics": record,
+                },
+            )
+            write_seed_csv(log_rows, seed, seed_dir / "metrics.csv")
+        write_json_atomic(
+            self.out_dir / "metrics.json",
+            {"layer": self.layer, "shards_dir": str(datamodule.shards_dir),
+             "shards_manifest_sha256": datamodule.manifest_sha256, "seeds": self.metrics},
+        )
+        if self.print_table:
+            print(format_table(self.metrics), flush=True)

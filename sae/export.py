@@ -1,0 +1,205 @@
+"""Save / load SAEs in the SAELens layout: `DIR/sae.safetensors` + `DIR/cfg.json`.
+
+`cfg.json` carries the keys SAELens reads (pre-6.0 layout, which SAELens 6 still converts) plus
+our own metadata under the `refusal_sae` key. `sae_weights.safetensors` (SAELens' file name) is a
+relative symlink to `sae.safetensors`, so `sae_lens.SAE.load_from_disk(DIR)` works directly.
+Exported weights have the input scale folded in: they take raw activations.
+`load_sae` also reads generic SAELens SAEs: topk, standard (ReLU) and jumprelu.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from activations.store_format import write_json_atomic
+from sae.config import SAEConfig
+from sae.model import SparseAutoencoder
+
+WEIGHTS_NAME = "sae.safetensors"
+SAELENS_WEIGHTS_NAME = "sae_weights.safetensors"
+CFG_NAME = "cfg.json"
+FORMAT_VERSION = 1
+_NO_NORMALIZATION = (None, False, "none")
+
+
+def saelens_cfg(sae: SparseAutoencoder, layer: int | None, model_name: str = "", **context: Any) -> dict[str, Any]:
+    """The SAELens-facing part of cfg.json for an SAE trained here (scale folded, float32)."""
+    cfg = sae.cfg
+    is_topk = cfg.architecture == "topk"
+    return {
+        "architecture": "topk" if is_topk else ("jumprelu" if cfg.architecture in ("batchtopk", "jumprelu") else "standard"),
+        "d_in": cfg.d_in,
+        "d_sae": cfg.num_latents,
+        "activation_fn_str": "topk" if is_topk else "relu",
+        "activation_fn_kwargs": {"k": cfg.k} if is_topk else {},
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        "finetuning_scaling_factor": False,
+        "normalize_activations": "none",
+        "hook_name": f"blocks.{layer}.hook_resid_post" if layer is not None else "",
+        "hook_layer": layer,
+        "hook_head_index": None,
+        "model_name": model_name,
+        "dtype": "float32",
+        "device": "cpu",
+        "context_size": context.get("context_size"),
+        "prepend_bos": context.get("prepend_bos", True),
+        "dataset_path": context.get("dataset_path", ""),
+        "dataset_trust_remote_code": False,
+        "sae_lens_training_version": None,
+    }
+
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    """Write safetensors to a temp file in the same folder, then os.replace; returns its sha256."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, tmp)
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def _link_saelens_name(directory: Path) -> None:
+    """`sae_weights.safetensors` → `sae.safetensors` (relative symlink, replaced atomically)."""
+    link = directory / SAELENS_WEIGHTS_NAME
+    tmp = directory / f".tmp-{SAELENS_WEIGHTS_NAME}"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(WEIGHTS_NAME, tmp)
+        os.replace(tmp, link)
+    except OSError:  # file systems without symlinks: SAELens users rename the file themselves
+        tmp.unlink(missing_ok=True)
+
+
+def save_sae(sae: SparseAutoencoder, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Export one SAE (input scale folded in) to `directory`.
+
+    Args:
+        meta: our metadata; `layer`, `model_name`, `context_size`, `prepend_bos`, `dataset_path`
+            fill the SAELens keys, everything else is stored under `refusal_sae`.
+    """
+    meta = dict(meta or {})
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    digest = _atomic_save_tensors(sae.folded_state(), out / WEIGHTS_NAME)
+    layer = meta.get("layer")
+    cfg = saelens_cfg(
+        sae, layer, str(meta.get("model_name", "")),
+        **{k: meta[k] for k in ("context_size", "prepend_bos", "dataset_path") if k in meta},
+    )
+    cfg["refusal_sae"] = {
+        "format_version": FORMAT_VERSION,
+        "architecture": sae.cfg.architecture,
+        "sae_config": sae.cfg.to_dict(),
+        "input_scale_folded": float(sae.input_scale),
+        "weights_sha256": digest,
+        **meta,
+    }
+    write_json_atomic(out / CFG_NAME, json.loads(json.dumps(cfg)))
+    _link_saelens_name(out)
+    return out
+
+
+def _layer_from_hook(cfg: dict[str, Any]) -> int | None:
+    hook = cfg.get("hook_name") or cfg.get("hook_point") or (cfg.get("metadata") or {}).get("hook_name") or ""
+    match = re.match(r"blocks\.(\d+)\.", str(hook))
+    return int(match.group(1)) if match else cfg.get("hook_layer")
+
+
+def config_from_saelens(cfg: dict[str, Any]) -> SAEConfig:
+    """SAEConfig for a generic SAELens cfg.json (topk, standard ReLU, jumprelu)."""
+    if "d_in" not in cfg or "d_sae" not in cfg:
+        raise ValueError("SAELens cfg.json lacks d_in or d_sae")
+    norm = cfg.get("normalize_activations")
+    if norm not in _NO_NORMALIZATION:
+        raise ValueError(
+            f"SAELens SAE uses normalize_activations={norm!r}; only SAEs taking raw activations ('none') are supported"
+        )
+    arch = cfg.get("architecture", "standard")
+    act = str(cfg.get("activation_fn_str", cfg.get("activation_fn", "relu")))
+    common = {"d_in": int(cfg["d_in"]), "d_sae": int(cfg["d_sae"]), "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
+    if arch == "topk" or (arch == "standard" and act == "topk"):
+        k = (cfg.get("activation_fn_kwargs") or {}).get("k", cfg.get("k"))
+        if k is None:
+            raise ValueError("SAELens topk SAE without activation_fn_kwargs.k")
+        return SAEConfig(**common, k=int(k), architecture="topk")
+    if arch == "standard":
+        if act != "relu":
+            raise ValueError(f"SAELens standard SAE with activation {act!r} is not supported (only relu)")
+        return SAEConfig(**common, architecture="relu")
+    if arch == "jumprelu":
+        return SAEConfig(**common, architecture="jumprelu")
+    raise ValueError(f"unsupported SAELens architecture {arch!r}; supported: topk, standard, jumprelu")
+
+
+def _weights_path(directory: Path) -> Path:
+    for name in (WEIGHTS_NAME, SAELENS_WEIGHTS_NAME):
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {SAELENS_WEIGHTS_NAME} in {directory}")
+
+
+def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """Load an SAE saved by `save_sae`, or a generic SAELens SAE folder → (sae in eval mode, cfg dict)."""
+    root = Path(directory)
+    cfg_path = root / CFG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no {CFG_NAME} in {root}")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from None
+    weights_path = _weights_path(root)
+    ours = cfg.get("refusal_sae")
+    if ours is not None:
+        sae_cfg = SAEConfig.from_dict(ours["sae_config"])
+        expected = ours.get("weights_sha256")
+        if expected and hashlib.sha256(weights_path.read_bytes()).hexdigest() != expected:
+            raise ValueError(f"{weights_path} does not match the sha256 recorded in {cfg_path} (partial write?)")
+    else:
+        sae_cfg = config_from_saelens(cfg)
+    tensors = load_file(str(weights_path), device="cpu")
+    if "scaling_factor" in tensors:
+        if not torch.allclose(tensors["scaling_factor"], torch.ones_like(tensors["scaling_factor"])):
+            raise ValueError(f"{weights_path} holds a non-trivial scaling_factor; fold it into the weights first")
+        del tensors["scaling_factor"]
+    if "log_threshold" in tensors and "threshold" not in tensors:
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    required = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if sae_cfg.architecture in ("batchtopk", "jumprelu") else set())
+    missing, extra = required - set(tensors), set(tensors) - required
+    if missing or extra:
+        raise ValueError(f"{weights_path}: missing tensors {sorted(missing)}, unexpected tensors {sorted(extra)}")
+    sae = SparseAutoencoder(sae_cfg, init_weights=False)
+    with torch.no_grad():
+        for name, value in tensors.items():
+            target = getattr(sae, name)  # W_enc is a view of W_enc_rows: copying into it fills the parameter
+            value = value.expand_as(target) if name == "threshold" and value.numel() == 1 else value
+            if value.shape != target.shape:
+                raise ValueError(f"{weights_path}: {name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+            target.copy_(value)
+    if sae_cfg.architecture == "batchtopk":
+        sae.threshold_seen.fill_(True)
+    return sae.to(device).eval(), cfg
+
+
+def load_sae_run(run_dir: str | Path, device: str | torch.device = "cpu") -> dict[int, SparseAutoencoder]:
+    """All `RUN/seed_<s>/` exports of a training run → {seed: sae}."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"SAE run folder not found: {root}")
+    found = sorted((int(p.name.split("_", 1)[1]), p) for p in root.glob("seed_*") if p.name.split("_", 1)[1].lstrip("-").isdigit())
+    if not found:
+        raise FileNotFoundError(f"no seed_<s>/ exports in {root}")
+    return {seed: load_sae(path, device)[0] for seed, path in found}

@@ -1,0 +1,198 @@
+"""Sparse-gradient building blocks of the SAE training step (CSR sparse × dense matmuls).
+
+A batch of top-k codes is a sparse `(batch, d_sae)` matrix S with k entries per row, stored as
+(values, indices) `(batch, k)`. Everything below works on S in CSR form, never on a dense
+`(batch, d_sae)` gradient or decode:
+
+    decode           x_hat      = S @ W_dec                       (CSR @ dense)
+    decode backward  grad_S     = (grad_out @ W_decᵀ) sampled at S (sampled dense-dense matmul)
+                     grad_W_dec = Sᵀ @ grad_out                   (CSR of Sᵀ @ dense)
+    encoder backward grad_x     = G @ W_enc_rows,  grad_W_enc_rows = Gᵀ @ x,  grad_b_enc = scatter-add of G
+                     with G the sparse gradient at the selected (row, latent) pairs only.
+
+`topk_pre_acts` computes the encoder pre-activations once (one dense matmul in the compute dtype,
+e.g. bfloat16) and keeps the top-k (plus the top-k_aux among dead latents for AuxK). Sparse products
+run in float32 (the compute dtype for grad_x on CUDA); parameter gradients come back in the
+parameters' dtype. Checked against plain autograd in tests/test_sae_model.py.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype_for(x: Tensor, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype matmuls should run in: the autocast dtype when autocast is on, else the params'."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return param_dtype
+
+
+def _sparse_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
+    """CSR matmuls in low precision exist on CUDA only; the CPU uses float32."""
+    return compute_dtype if device.type == "cuda" else torch.float32
+
+
+def rows_csr(indices: Tensor, values: Tensor, n_cols: int) -> tuple[Tensor, Tensor]:
+    """`(batch, n)` codes → (CSR `(batch, n_cols)`, per-row sort permutation `(batch, n)`).
+
+    Columns are sorted within each row; `perm` maps CSR order back: csr_values[b, j] = values[b, perm[b, j]].
+    Indices must be distinct within a row.
+    """
+    batch, n = indices.shape
+    cols, perm = indices.sort(dim=1)
+    crow = torch.arange(0, batch * n + 1, n, device=indices.device)
+    return _csr(crow, cols.reshape(-1), values.gather(1, perm).reshape(-1), (batch, n_cols)), perm
+
+
+def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """A CSR tensor without PyTorch's beta-state warning (the format is used as documented)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
+
+
+def scatter_rows_matmul(indices: Tensor, weights: Tensor, dense: Tensor, n_rows: int) -> Tensor:
+    """Sᵀ @ dense in float32: `out[i] = sum of weights[b, j] * dense[b] over indices[b, j] == i`.
+
+    Args:
+        indices, weights: `(batch, n)`; dense: `(batch, d)`. Returns `(n_rows, d)`.
+    """
+    batch, n = indices.shape
+    flat = indices.reshape(-1)
+    order = torch.sort(flat, stable=True).indices  # by latent, then by batch row
+    rows = torch.div(order, n, rounding_mode="floor")
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=indices.device)
+    crow[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
+    csr_t = _csr(crow, rows, weights.reshape(-1)[order].to(torch.float32), (n_rows, batch))
+    return csr_t @ dense.to(torch.float32)
+
+
+class _TopKPreActs(torch.autograd.Function):
+    """See `topk_pre_acts`. Saved for backward: the cast input, the encoder rows in compute dtype, the indices."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        W_enc_rows: Tensor,
+        b_enc: Tensor,
+        k: int,
+        aux_mask: Tensor | None,
+        k_aux: int,
+        compute_dtype: torch.dtype,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xc = x.to(compute_dtype)
+            w_rows = W_enc_rows.to(compute_dtype)  # (d_sae, d_in); no copy when already in compute dtype
+            pre = torch.addmm(b_enc.to(compute_dtype), xc, w_rows.t())  # (batch, d_sae)
+            values, indices = pre.topk(k, dim=-1, sorted=False)
+            aux_values = aux_indices = None
+            if aux_mask is not None and k_aux > 0:
+                pre.masked_fill_(~aux_mask, float("-inf"))  # only dead latents compete
+                aux_values, aux_indices = pre.topk(k_aux, dim=-1, sorted=False)
+        del pre
+        ctx.save_for_backward(xc, w_rows, indices, *([aux_indices] if aux_indices is not None else []))
+        ctx.x_dtype, ctx.w_dtype, ctx.b_dtype = x.dtype, W_enc_rows.dtype, b_enc.dtype
+        ctx.mark_non_differentiable(*[t for t in (indices, aux_indices) if t is not None])
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, g_values: Tensor | None, _g_idx: Any, g_aux: Tensor | None, _g_aux_idx: Any
+    ) -> tuple[Tensor | None, ...]:
+        xc, w_rows, *index_sets = ctx.saved_tensors
+        d_sae = w_rows.shape[0]
+        grads = [g_values, g_aux][: len(index_sets)]
+        pairs = [(idx, g.to(torch.float32)) for idx, g in zip(index_sets, grads) if g is not None]
+        grad_x = grad_W = grad_b = None
+        with torch.autocast(device_type=xc.device.type, enabled=False):
+            if ctx.needs_input_grad[0] and pairs:
+                dtype = _sparse_dtype(xc.device, xc.dtype)
+                w = w_rows.to(dtype)
+                grad_x = sum(rows_csr(idx, g.to(dtype), d_sae)[0] @ w for idx, g in pairs).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1] and pairs:
+                grad_W = sum(scatter_rows_matmul(idx, g, xc, d_sae) for idx, g in pairs).to(ctx.w_dtype)
+            if ctx.needs_input_grad[2] and pairs:
+                grad_b = torch.zeros(d_sae, device=xc.device, dtype=torch.float32)
+                for idx, g in pairs:
+                    grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1))
+                grad_b = grad_b.to(ctx.b_dtype)
+        return grad_x, grad_W, grad_b, None, None, None, None
+
+
+def topk_pre_acts(
+    x: Tensor,
+    W_enc_rows: Tensor,
+    b_enc: Tensor,
+    k: int,
+    aux_mask: Tensor | None = None,
+    k_aux: int = 0,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Top-k encoder pre-activations with a sparse backward.
+
+    Args:
+        x: `(batch, d_in)` encoder input (already centred by b_dec and scaled).
+        W_enc_rows: `(d_sae, d_in)` encoder directions by latent (= W_encᵀ); b_enc: `(d_sae,)`.
+        k: latents kept per row.
+        aux_mask: optional `(d_sae,)` bool, True for dead latents; with `k_aux > 0` the top-k_aux
+            pre-activations among them are returned too (-inf where fewer than k_aux are dead).
+        compute_dtype: matmul dtype (default: autocast dtype if autocast is on, else the weights').
+
+    Returns:
+        `values (batch, k)`, `indices (batch, k)` int64 and `aux_values`, `aux_indices`
+        `(batch, k_aux)` or None. Values are raw pre-activations (apply ReLU yourself) in compute dtype.
+    """
+    dtype = compute_dtype or compute_dtype_for(x, W_enc_rows.dtype)
+    return _TopKPreActs.apply(x, W_enc_rows, b_enc, int(k), aux_mask, int(k_aux), dtype)
+
+
+class _SparseDecode(torch.autograd.Function):
+    """See `sparse_decode`; float32 throughout (the decoder weights are used as stored, no cast)."""
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:  # type: ignore[override]
+        with torch.autocast(device_type=values.device.type, enabled=False):
+            v32 = values.to(torch.float32)
+            csr, perm = rows_csr(indices, v32, W_dec.shape[0])
+            out = csr @ W_dec.to(torch.float32)  # (batch, d_in)
+        ctx.save_for_backward(v32, indices, perm, W_dec)
+        ctx.values_dtype = values.dtype
+        ctx.mark_non_differentiable(indices)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        v32, indices, perm, W_dec = ctx.saved_tensors
+        grad_values = grad_w = None
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            g32 = grad_out.to(torch.float32)
+            if ctx.needs_input_grad[0]:
+                pattern, _ = rows_csr(indices, torch.ones_like(v32), W_dec.shape[0])
+                sampled = torch.sparse.sampled_addmm(pattern, g32, W_dec.to(torch.float32).t(), beta=0.0)
+                in_csr_order = sampled.values().view_as(v32)
+                grad_values = torch.empty_like(v32).scatter_(1, perm, in_csr_order).to(ctx.values_dtype)
+            if ctx.needs_input_grad[2]:
+                grad_w = scatter_rows_matmul(indices, v32, g32, W_dec.shape[0]).to(W_dec.dtype)
+        return grad_values, None, grad_w
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """`sum_j values[b, j] * W_dec[indices[b, j]]` → `(batch, d_in)` float32, without a dense code.
+
+    Args:
+        values: `(batch, n)` latent activations; indices: `(batch, n)` int64 latent ids, distinct
+            within a row. W_dec: `(d_sae, d_in)`.
+    """
+    return _SparseDecode.apply(values, indices, W_dec)
+
+
+def dense_topk_reference(x: Tensor, W_enc_rows: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Plain-autograd reference of the main path of `topk_pre_acts` (tests only)."""
+    pre = x @ W_enc_rows.t() + b_enc
+    return pre.topk(k, dim=-1, sorted=False)

@@ -1,0 +1,194 @@
+"""LightningModule that trains one SAE per seed, all on the same batch each step.
+
+Every seed has its own `SparseAutoencoder` (initialised from its own seed) and `LatentTracker`;
+one Adam optimizer (fused on CUDA) holds one parameter group per seed. Because the seeds share no
+parameters, minimising the sum of their losses is the same as training each alone.
+Each step: forward + loss terms per seed → backward → remove the gradient component parallel to
+each decoder row → Adam → renormalise decoder rows. No host syncs except at logging intervals.
+With several devices, Lightning's DDP replicates all seeds on every rank and averages gradients;
+the data module gives each rank its own slice of the global batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from sae.config import SAEConfig, default_lr
+from sae.losses import TERM_NAMES, NonFiniteMonitor, check_finite
+from sae.model import SparseAutoencoder
+from sae.step import seed_step_loss
+from sae.tracking import LatentTracker, density_histogram, density_summary, l0_norm
+
+
+class SAELightningModule(pl.LightningModule):
+    """Trains `len(seeds)` SAEs of the same configuration in one process.
+
+    Args:
+        sae: the SAE configuration (shared by every seed).
+        seeds: one SAE per seed; the seed sets its weight initialisation.
+        lr: Adam learning rate (None = 2e-4 / sqrt(d_sae / 2**14), Gao et al. 2024).
+        lr_warmup_steps: linear warm-up length.
+        lr_decay_frac: linear decay to 0 over this final fraction of `trainer.max_steps`.
+        adam_betas, adam_eps: Adam settings.
+        init_b_dec: "geometric_median" (Weiszfeld on a data sample), "mean" or "zeros".
+        check_finite_every_step: check the loss terms for NaN/inf every step (a host sync);
+            otherwise they are checked at every logging interval and at the end, and the error
+            still names the first bad step.
+    """
+
+    def __init__(
+        self,
+        sae: SAEConfig,
+        seeds: list[int] | None = None,
+        lr: float | None = None,
+        lr_warmup_steps: int = 100,
+        lr_decay_frac: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 6.25e-10,
+        init_b_dec: Literal["geometric_median", "mean", "zeros"] = "geometric_median",
+        check_finite_every_step: bool = False,
+    ) -> None:
+        super().__init__()
+        cfg = SAEConfig.from_dict(sae) if isinstance(sae, dict) else sae
+        seeds = [0] if seeds is None else [int(s) for s in seeds]
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be a non-empty list of distinct integers, got {seeds}")
+        if not cfg.trainable:
+            raise ValueError(f"architecture {cfg.architecture!r} can be loaded but not trained; use topk or batchtopk")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not 0.0 <= lr_decay_frac < 1.0:
+            raise ValueError(f"lr_decay_frac must be in [0, 1), got {lr_decay_frac}")
+        if init_b_dec not in ("geometric_median", "mean", "zeros"):
+            raise ValueError(f"unknown init_b_dec {init_b_dec!r}; expected geometric_median, mean or zeros")
+        # plain types only, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(
+            {
+                "sae": cfg.to_dict(), "seeds": seeds, "lr": lr, "lr_warmup_steps": lr_warmup_steps,
+                "lr_decay_frac": lr_decay_frac, "adam_betas": list(adam_betas), "adam_eps": adam_eps,
+                "init_b_dec": init_b_dec, "check_finite_every_step": check_finite_every_step,
+            }
+        )
+        self.cfg, self.seeds = cfg, seeds
+        self.lr = lr if lr is not None else default_lr(cfg.num_latents)
+        self.lr_warmup_steps, self.lr_decay_frac = lr_warmup_steps, lr_decay_frac
+        self.adam_betas, self.adam_eps = (float(adam_betas[0]), float(adam_betas[1])), adam_eps
+        self.init_b_dec, self.check_finite_every_step = init_b_dec, check_finite_every_step
+        self.saes = nn.ModuleList([SparseAutoencoder(cfg, seed=s) for s in seeds])
+        self.trackers = nn.ModuleList([LatentTracker(cfg.num_latents, cfg.dead_tokens_threshold) for _ in seeds])
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.monitor = NonFiniteMonitor(seeds)
+
+    # ---- setup --------------------------------------------------------------------------------
+    def _datamodule(self) -> Any:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return datamodule if datamodule is not None and hasattr(datamodule, "d_model") else None
+
+    def setup(self, stage: str) -> None:
+        """Check d_in against the activation store before anything is allocated on the device."""
+        datamodule = self._datamodule()
+        if datamodule is not None and datamodule.d_model != self.cfg.d_in:
+            raise ValueError(
+                f"SAE d_in={self.cfg.d_in} does not match the activation store's d_model={datamodule.d_model} "
+                f"({datamodule.shards_dir})"
+            )
+
+    def on_fit_start(self) -> None:
+        """Data-dependent initialisation, once (a resumed run restores it from the checkpoint)."""
+        datamodule = self._datamodule()
+        if datamodule is not None and not bool(self.initialized):
+            self.initialize_from_sample(datamodule.sample_rows().to(self.device))
+
+    @torch.no_grad()
+    def initialize_from_sample(self, sample: Tensor) -> None:
+        """Input scale and b_dec from a data sample `(n, d_in)` (identical for every seed and rank)."""
+        for sae in self.saes:
+            sae.init_input_scale(sample)
+            if self.init_b_dec == "geometric_median":
+                sae.init_b_dec_geometric_median(sample)
+            elif self.init_b_dec == "mean":
+                sae.b_dec.copy_((sample.to(torch.float64).mean(0) * float(sae.input_scale)).to(sae.b_dec))
+            if self._trainer is not None and self.trainer.world_size > 1:  # float reductions may differ by rank
+                for tensor in (sae.b_dec, sae.input_scale):
+                    tensor.copy_(self.trainer.strategy.broadcast(tensor.detach().clone(), src=0))
+        self.initialized.fill_(True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = [{"params": list(sae.parameters()), "name": f"seed{s}"} for s, sae in zip(self.seeds, self.saes)]
+        on_cuda = self.device.type == "cuda"
+        optimizer = torch.optim.Adam(
+            groups, lr=self.lr, betas=self.adam_betas, eps=self.adam_eps, fused=True if on_cuda else None
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up, constant, then optional linear decay to 0."""
+        factor = min(1.0, (step + 1) / max(1, self.lr_warmup_steps))
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if self.lr_decay_frac > 0 and max_steps and max_steps > 0:
+            decay_start = int(max_steps * (1 - self.lr_decay_frac))
+            if step >= decay_start:
+                factor *= max(0.0, (max_steps - step) / max(1, max_steps - decay_start))
+        return factor
+
+    # ---- the step -----------------------------------------------------------------------------
+    def _all_reduce(self) -> Any:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        return lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")
+
+    def _is_log_step(self, step: int) -> bool:
+        if self._trainer is None or not self.trainer.loggers:
+            return False
+        return (step + 1) % max(1, self.trainer.log_every_n_steps) == 0
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """`batch` = `(x (batch, d_in), labels (batch,))`; returns the summed loss of all seeds."""
+        x, labels = batch
+        step = self.global_step
+        reduce = self._all_reduce()
+        log_now = self._is_log_step(step)
+        metrics: dict[str, Tensor | float] = {}
+        total = x.new_zeros((), dtype=torch.float32)
+        for index, (seed, sae, tracker) in enumerate(zip(self.seeds, self.saes, self.trackers)):
+            terms, out = seed_step_loss(sae, tracker, x, labels, self.cfg, reduce)
+            self.monitor.record(index, terms, step)
+            if self.check_finite_every_step:
+                check_finite(terms, step, seed)
+            total = total + terms.total
+            if log_now:
+                metrics.update({f"seed{seed}/{name}": value.detach() for name, value in zip(TERM_NAMES, terms)})
+                metrics[f"seed{seed}/l0"] = l0_norm(out.latent_values.detach())
+                metrics[f"seed{seed}/dead_fraction"] = tracker.dead_fraction()
+        if log_now:
+            self.monitor.raise_if_bad()
+            metrics["lr"] = self.lr_schedulers().get_last_lr()[0]  # type: ignore[union-attr]
+            self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=x.shape[0])
+            self._log_densities(step)
+        return total
+
+    def _log_densities(self, step: int) -> None:
+        """Firing-density summaries (CSV) and histograms (wandb, when used) since the last log step."""
+        for seed, tracker in zip(self.seeds, self.trackers):
+            density = tracker.pop_density()
+            self.log_dict({f"seed{seed}/{k}": v for k, v in density_summary(density).items()}, on_step=True, on_epoch=False)
+            for logger in self.trainer.loggers:
+                if type(logger).__name__ == "WandbLogger" and self.trainer.is_global_zero:
+                    import wandb  # imported only when the wandb logger is in use
+
+                    counts, edges = density_histogram(density)
+                    logger.experiment.log(
+                        {f"seed{seed}/log10_density": wandb.Histogram(np_histogram=(counts, edges))}, step=step
+                    )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for sae in self.saes:
+            sae.remove_parallel_grad()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        for sae in self.saes:
+            sae.normalize_decoder()

@@ -1,0 +1,84 @@
+"""The SAE training step, shared by the Lightning module and a bare loop (benchmarks, quick tests).
+
+One step for one seed: forward (with the dead-latent mask when AuxK is on) → loss terms → tracker
+update. `BareTrainer` adds backward, parallel-gradient removal, Adam and decoder renormalisation
+for several seeds without Lightning; `SAELightningModule` does the same inside `Trainer.fit`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+
+from sae.config import SAEConfig, default_lr
+from sae.losses import LossTerms, compute_loss_terms
+from sae.model import ForwardOutput, SparseAutoencoder
+from sae.tracking import LatentTracker
+
+
+def seed_step_loss(
+    sae: SparseAutoencoder,
+    tracker: LatentTracker,
+    x: Tensor,
+    labels: Tensor | None,
+    cfg: SAEConfig,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[LossTerms, ForwardOutput]:
+    """Loss terms of one SAE on a batch `x (batch, d_in)`; updates its latent tracker."""
+    dead = tracker.dead_mask() if cfg.auxk_coeff > 0 else None
+    out = sae(x, dead_mask=dead)
+    terms = compute_loss_terms(x, out, cfg, labels)
+    tracker.update(out.latent_values.detach(), out.latent_indices, all_reduce)
+    return terms, out
+
+
+class BareTrainer:
+    """Several seeds' SAEs + trackers + one Adam, stepped by hand (no Lightning).
+
+    Args:
+        cfg: SAE configuration; seeds: one SAE per seed.
+        lr: Adam learning rate (None = width-scaled default).
+        device: where to train; autocast_dtype: e.g. torch.bfloat16 for mixed precision.
+    """
+
+    def __init__(
+        self,
+        cfg: SAEConfig,
+        seeds: list[int],
+        lr: float | None = None,
+        device: str | torch.device = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 6.25e-10,
+    ) -> None:
+        self.cfg, self.seeds = cfg, list(seeds)
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.saes = [SparseAutoencoder(cfg, seed=s, device=self.device) for s in self.seeds]
+        self.trackers = [LatentTracker(cfg.num_latents, cfg.dead_tokens_threshold).to(self.device) for _ in self.seeds]
+        params = [{"params": list(sae.parameters())} for sae in self.saes]
+        fused = True if self.device.type == "cuda" else None
+        self.optimizer = torch.optim.Adam(
+            params, lr=lr or default_lr(cfg.num_latents), betas=adam_betas, eps=adam_eps, fused=fused
+        )
+
+    def step(self, x: Tensor, labels: Tensor | None = None) -> list[LossTerms]:
+        """One optimisation step of every seed on the same batch; returns each seed's loss terms."""
+        autocast = (
+            torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else nullcontext()
+        )
+        with autocast:
+            results = [seed_step_loss(sae, tr, x, labels, self.cfg)[0] for sae, tr in zip(self.saes, self.trackers)]
+            total = torch.stack([terms.total for terms in results]).sum()
+        total.backward()
+        for sae in self.saes:
+            sae.remove_parallel_grad()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for sae in self.saes:
+            sae.normalize_decoder()
+        return results

@@ -1,0 +1,147 @@
+"""Plain Python entry point of SAE training (`train_saes`) and the trainer wiring shared with the CLI."""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from sae.callbacks import RunExport
+from sae.config import SAEConfig
+from sae.data import ShardDataModule
+from sae.module import SAELightningModule
+
+LOGGERS = ("csv", "wandb")
+
+
+class FinalCheckpoint(pl.Callback):
+    """Writes `RUN/ckpt/last.ckpt` when training ends (periodic saves may not fall on the last step)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)
+
+
+def make_loggers(out_dir: Path, logger: str, wandb_project: str = "refusal-sae") -> list[Any]:
+    """CSV logs always (`RUN/logs/version_<n>/metrics.csv`); wandb too when asked (offline unless
+    WANDB_MODE=online), imported only then."""
+    if logger not in LOGGERS:
+        raise ValueError(f"unknown logger {logger!r}; expected one of {', '.join(LOGGERS)}")
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers: list[Any] = [CSVLogger(save_dir=str(out_dir), name="logs")]
+    if logger == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        online = os.environ.get("WANDB_MODE", "offline") == "online"
+        loggers.append(WandbLogger(project=wandb_project, save_dir=str(out_dir), offline=not online, name=out_dir.name))
+    return loggers
+
+
+def run_callbacks(out_dir: Path, layer: int, ckpt_every: int, print_table: bool = True) -> list[pl.Callback]:
+    """Periodic + final `RUN/ckpt/last.ckpt`, and the end-of-run export."""
+    if ckpt_every < 1:
+        raise ValueError(f"ckpt_every must be >= 1, got {ckpt_every}")
+    ckpt_dir = out_dir / "ckpt"
+    periodic = ModelCheckpoint(
+        dirpath=str(ckpt_dir), filename="step-{step}", save_top_k=0, save_last=True, every_n_train_steps=ckpt_every
+    )
+    # export before the final checkpoint: a run killed between the two re-trains its last steps and exports
+    return [periodic, RunExport(out_dir, layer, print_table=print_table), FinalCheckpoint(ckpt_dir / "last.ckpt")]
+
+
+def resolve_ckpt_path(out_dir: Path, ckpt_path: str | None) -> str | None:
+    """`last` → RUN/ckpt/last.ckpt if it exists (else a fresh start); a path must exist."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        last = out_dir / "ckpt" / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        print(f"no checkpoint at {last}; starting from step 0", flush=True)
+        return None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+    return ckpt_path
+
+
+def quiet_known_warnings() -> None:
+    """Silence Lightning warnings that do not apply to this trainer (data is served by step index)."""
+    for pattern in (
+        r".*does not have many workers.*",
+        r".*IterableDataset.*__len__.*",
+        r".*Experiment logs directory.*",
+        r".*Checkpoint directory.*exists and is not empty.*",
+        r".*args parameter is intended to run from within Python.*",
+        r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+        r".*torch.distributed.nn.functional.all_gather is deprecated.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def fit(trainer: pl.Trainer, module: SAELightningModule, datamodule: ShardDataModule, out_dir: Path, ckpt_path: str | None) -> Path:
+    """Run `trainer.fit`, resuming from `ckpt_path` (loaded with weights_only=True)."""
+    resolved = resolve_ckpt_path(out_dir, ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolved, weights_only=True if resolved else None)
+    return out_dir
+
+
+def train_saes(
+    shards_dir: str | Path,
+    layer: int,
+    out_dir: str | Path,
+    seeds: list[int],
+    cfg: SAEConfig,
+    max_steps: int,
+    batch_size: int,
+    lr: float | None = None,
+    split: str | list[str] | None = "extract",
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    logger: Literal["csv", "wandb"] = "csv",
+    precision: str = "32-true",
+    ckpt_every: int = 500,
+    log_every_n_steps: int = 50,
+    ckpt_path: str | None = None,
+    data_kwargs: dict[str, Any] | None = None,
+    module_kwargs: dict[str, Any] | None = None,
+    print_table: bool = True,
+    enable_progress_bar: bool | None = None,
+) -> Path:
+    """Train one SAE per seed on `layer` of the activation store and export them to `out_dir`.
+
+    Returns `out_dir`, which then holds `seed_<s>/` SAELens exports, `metrics.json`, CSV logs and
+    `ckpt/last.ckpt` (pass `ckpt_path="last"` to resume a killed run exactly).
+    """
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    quiet_known_warnings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    datamodule = ShardDataModule(str(shards_dir), layer, split=split, batch_size=batch_size, **(data_kwargs or {}))
+    if datamodule.d_model != cfg.d_in:
+        raise ValueError(f"SAE d_in={cfg.d_in} does not match the activation store's d_model={datamodule.d_model} ({shards_dir})")
+    module = SAELightningModule(replace(cfg), seeds=list(seeds), lr=lr, **(module_kwargs or {}))
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        precision=precision,  # type: ignore[arg-type]
+        logger=make_loggers(out, logger),
+        callbacks=run_callbacks(out, layer, ckpt_every, print_table=print_table),
+        log_every_n_steps=log_every_n_steps,
+        default_root_dir=str(out),
+        enable_progress_bar=enable_progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    return fit(trainer, module, datamodule, out, ckpt_path)
