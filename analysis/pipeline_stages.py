@@ -75,7 +75,7 @@ def stage_harvest(run: PipelineRun, out: Path) -> dict[str, Any]:
     """Last-token rows of every prompt at all layers; all-token rows of extract prompts for the SAEs.
 
     With a fitted refusal-token model, the base model's last-token extract rows are also harvested
-    for model diffing.
+    for model diffing (vectors are fitted on extract rows only).
     """
     layers = run.layers()
     result = {
@@ -83,7 +83,7 @@ def stage_harvest(run: PipelineRun, out: Path) -> dict[str, Any]:
         "all": _harvest(run, "target", run.split("extract"), [run.layer], "all", out / "all"),
     }
     if run.cfg.refusal_tokens.enabled:
-        result["base_last"] = _harvest(run, "base", list(run.prompts.records), layers, "last", out / "base_last")
+        result["base_last"] = _harvest(run, "base", run.split("extract"), layers, "last", out / "base_last")
     return result
 
 
