@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from activations.cli_util import run_cli
 from activations.store_format import POSITION_MODES, STORAGE_DTYPES, write_json_atomic
 
 
@@ -66,23 +67,16 @@ def run(args: argparse.Namespace) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `refusal-sae harvest`; returns the exit status (2 on bad input)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its message
-        return int(exc.code or 0)
-    try:
-        out = run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def show(_args: argparse.Namespace, out: Path) -> None:
     from activations.store import ActivationStore
 
     store = ActivationStore(out)
     print(f"harvested {store.n_rows} rows of layers {store.layers} ({store.positions} positions) into {out}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `refusal-sae harvest`; returns the exit status (2 on bad input)."""
+    return run_cli(build_parser(), run, show, argv)
 
 
 if __name__ == "__main__":

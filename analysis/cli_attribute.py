@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from activations.records import BENIGN, REFUSAL_CATEGORIES, SPLITS, PromptRecord
-from analysis.cli_common import run_cli
+from activations.cli_util import run_cli
 
 METRIC_TEXT = "log p(refusal tokens) - log p([respond]) at the last prompt position"
 

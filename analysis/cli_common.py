@@ -1,6 +1,5 @@
 """Pieces shared by the analysis subcommands (`steer`, `attribute`, `stability`).
 
-- `run_cli(parser, run, show, argv)`: parse, run, print `error: <one line>` and return 2 on bad input.
 - `load_records(specs, split, seed)`: the prompts of one split of a prompt set.
 - `load_target(model, tokens, device, dtype)`: a refusal-token model, its tokenizer and token spec.
 - `load_one_sae(path, layer, d_model, device)`: one exported SAE folder (`RUN/seed_<s>/`), checked.
@@ -10,36 +9,15 @@
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from activations.records import BENIGN, CONTRAST, SPLITS, PromptRecord
-
-
-def run_cli(
-    parser: argparse.ArgumentParser,
-    run: Callable[[argparse.Namespace], dict[str, Any]],
-    show: Callable[[argparse.Namespace, dict[str, Any]], None],
-    argv: list[str] | None,
-) -> int:
-    """Parse `argv`, `result = run(args)`, `show(args, result)`; bad input → `error: ...` on stderr, 2."""
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its message
-        return int(exc.code or 0)
-    try:
-        result = run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    show(args, result)
-    return 0
 
 
 def load_records(specs: Sequence[str], split: str, seed: int = 0) -> list[PromptRecord]:

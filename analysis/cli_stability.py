@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from activations.records import SPLITS
-from analysis.cli_common import run_cli
+from activations.cli_util import run_cli
 from analysis.geometry import EMBED_METHODS
 
 RESULT_NAME = "stability.json"

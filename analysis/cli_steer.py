@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from activations.records import SPLITS
-from analysis.cli_common import rate_text, run_cli
+from activations.cli_util import run_cli
+from analysis.cli_common import rate_text
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from activations.cli_util import run_cli
 from analysis.synthesize import DIRECTIONS, ContrastPair, SynthesisStats
 
 _ORIGINAL_CATEGORIES = {
@@ -142,18 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `refusal-sae synthesize-contrast`; returns the exit status (2 on bad input)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its message
-        return int(exc.code or 0)
-    try:
-        summary = run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_cli(build_parser(), run, lambda _args, summary: print(json.dumps(summary, indent=2)), argv)
 
 
 if __name__ == "__main__":

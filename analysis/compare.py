@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from activations.cli_util import run_cli
 
 
 def load_summary(path: str | Path) -> dict[str, Any]:
@@ -80,18 +81,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="refusal-sae compare", description=__doc__)
     parser.add_argument("runs", nargs="+", help="run folders (or summary.json files)")
     parser.add_argument("--out", default=".", help="folder for compare.md and compare.html")
-    args = parser.parse_args(argv)
-    try:
-        summaries = [load_summary(r) for r in args.runs]
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(parser, write_comparison, lambda _args, markdown: print(markdown), argv)
+
+
+def write_comparison(args: argparse.Namespace) -> str:
+    """Read the runs' summaries, write compare.md and compare.html into `args.out`; return the Markdown."""
+    summaries = [load_summary(r) for r in args.runs]
     names = [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in args.runs]
     header, rows = comparison_rows(names, summaries)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(header, rows)
-    (out / "compare.md").write_text(markdown)
-    (out / "compare.html").write_text(to_html(header, rows))
-    print(markdown)
-    return 0
+    write_text_atomic(out / "compare.md", markdown)
+    write_text_atomic(out / "compare.html", to_html(header, rows))
+    return markdown
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp file beside `path`, then rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from activations.cli_util import run_cli
 from analysis.pipeline_config import PipelineConfig, load_config
 from analysis.pipeline_run import PipelineRun
 from analysis.stage_runner import Stage, StageRunner
@@ -79,16 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="run folder (created; an existing one is resumed)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field, e.g. --set sae.steps=100 (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        summary = run_pipeline(cfg, Path(args.out))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {Path(args.out) / 'summary.json'} and {Path(args.out) / 'report.html'}")
-    print(refusal_table_text(summary))
-    return 0
+
+    def show(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+        print(f"wrote {Path(args.out) / 'summary.json'} and {Path(args.out) / 'report.html'}")
+        print(refusal_table_text(summary))
+
+    return run_cli(parser, lambda args: run_pipeline(load_config(args.config, args.overrides), Path(args.out)), show, argv)
 
 
 def refusal_table_text(summary: dict[str, Any]) -> str:

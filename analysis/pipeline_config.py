@@ -46,6 +46,8 @@ class SelectSection:
     n_bootstrap: int = 8
     stability_threshold: float = 0.5
     C_grid: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    max_iter: int = 2000  # saga epochs per fit
+    tol: float = 1e-4  # saga stopping tolerance
 
 
 @dataclass

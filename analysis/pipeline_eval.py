@@ -14,29 +14,34 @@ import numpy as np
 
 from activations.records import BENIGN, CONTRAST, PromptRecord
 from activations.store import ActivationStore
+from activations.tokenize import token_lengths
 from analysis.conditions import EvalSetup, Plan, plan_from_decisions, rates_of, run_refusal
 from analysis.pipeline_run import PipelineRun
 from analysis.pipeline_stages import saes, target_spec
 from analysis.refusal_eval import RefusalResult
 from analysis.stage_runner import write_json_atomic
 from probes.gate_tuning import DistanceGrid, fit_distance_gate, tune_distance_gate, tune_probe_gate
-from probes.gates import load_gate
 from probes.heads import HeadResult
-from probes.model_gates import TokenGate
 from probes.protocol import LabelledRows
 from probes.stage_data import encode_latents, load_last_token_rows
 from probes.vectors import VectorSet
 
 
 def split_rows(run: PipelineRun, split: str) -> tuple[LabelledRows, list[PromptRecord]]:
-    """Last-token rows of one split at the primary layer and the prompt records in the same order."""
+    """Last-token rows of one split at the primary layer and the prompt records in the same order.
+
+    Rows are sorted by prompt length, so the fixed-order batches of the evaluation carry little padding.
+    """
     store = ActivationStore(run.stage_dir("harvest") / "last")
     rows = load_last_token_rows(store, run.layer, splits=(split,))
     by_id = {r.id: r for r in run.split(split)}
     missing = [i for i in rows.ids if str(i) not in by_id]
     if missing:
         raise ValueError(f"harvested prompt {missing[0]!r} is not in the {split} split of the prompt set")
-    return rows, [by_id[str(i)] for i in rows.ids]
+    records = [by_id[str(i)] for i in rows.ids]
+    lengths = token_lengths(run.model("target")[1], [r.text for r in records], run.cfg.harvest.chat_template)
+    order = np.argsort(lengths, kind="stable")
+    return rows.subset(order), [records[i] for i in order]
 
 
 def eval_setup(run: PipelineRun) -> EvalSetup:
@@ -79,7 +84,9 @@ def stage_gates(run: PipelineRun, out: Path) -> dict[str, Any]:
     extract, _ = split_rows(run, "extract")
     calibrate, cal_records = split_rows(run, "calibrate")
     baseline = run_refusal(setup, cal_records, progress=True)
-    grid = DistanceGrid(t_low=(0.45, 0.5), t_high=(0.5, 0.55), alpha_toward=tuple(cfg.alphas),
+    # Each grid point runs the steered model on calibrate, so the grid is small: thresholds only,
+    # at the condition-table strength.
+    grid = DistanceGrid(t_low=(0.45, 0.5), t_high=(0.5, 0.55), alpha_toward=(cfg.alpha,),
                         alpha_away=(cfg.alpha,), partial=(0.0,))
     distance, report = tune_distance_gate(
         fit_distance_gate(extract), calibrate, reusing_outcome(setup, cal_records, baseline, vectors), grid

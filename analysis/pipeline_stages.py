@@ -114,7 +114,7 @@ def stage_select(run: PipelineRun, out: Path) -> dict[str, Any]:
     cfg = run.cfg.select
     store = ActivationStore(run.stage_dir("harvest") / "last")
     common = dict(top_k=cfg.top_k, n_bootstrap=cfg.n_bootstrap, threshold=cfg.stability_threshold,
-                  c_grid=tuple(cfg.C_grid), seed=run.cfg.seed)
+                  c_grid=tuple(cfg.C_grid), seed=run.cfg.seed, max_iter=cfg.max_iter, tol=cfg.tol)
     sae_report = run_selection(store, run.layer, saes(run), out / "sae", sae_run=str(run.stage_dir("sae")), **common)
     residual_report = run_selection(store, run.layer, None, out / "residual", **common)
     return {"sae": _probe_metrics(sae_report), "residual": _probe_metrics(residual_report)}

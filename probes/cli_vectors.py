@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from activations.cli_util import run_cli
 from activations.records import REFUSAL_CATEGORIES
 from probes.vector_stage import REPORT_NAME, build_vectors
 
@@ -81,21 +82,14 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `refusal-sae vectors`; returns the exit status (2 on bad input)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its message
-        return int(exc.code or 0)
-    try:
-        report = run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), run, show, argv)
+
+
+def show(args: argparse.Namespace, report: dict[str, Any]) -> None:
     print(f"layer {report['layer']} steering vectors (model {report['model']})")
     print(format_table(report))
     print(f"wrote {args.out}/residual, {args.out}/lowrank" + "".join(
         f", {info['dir']}" for info in report["sae"].values() if info["dir"]) + f" and {Path(args.out) / REPORT_NAME}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -149,14 +149,30 @@ def _require_l1_sklearn() -> None:
         raise ImportError(f"probes need scikit-learn >= 1.8 (pure L1 via l1_ratio=1), found {sklearn.__version__}")
 
 
-def _scaler(x: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Float64 column mean and std of x (n, d); std 0 becomes 1. Identity stats if not standardising."""
+SPARSE_DENSITY = 0.1
+"""Feature matrices with fewer non-zeros than this (SAE latents) are fitted in sparse form."""
+
+
+def _scaler(x: np.ndarray, standardize: bool, center: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 column mean and std of x (n, d); std 0 becomes 1. Identity stats if not standardising.
+
+    With `center=False` the mean is reported as 0 (scale-only standardisation keeps zeros zero).
+    """
     d = x.shape[1]
     if not standardize:
         return np.zeros(d), np.ones(d)
     mean = np.mean(x, axis=0, dtype=np.float64)
     std = np.std(x, axis=0, dtype=np.float64)
-    return mean, np.where(std > 0, std, 1.0)
+    return (mean if center else np.zeros(d)), np.where(std > 0, std, 1.0)
+
+
+def _design_matrix(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, sparse: bool) -> Any:
+    """Standardised features; a CSR matrix when `sparse` (saga's cost then scales with the non-zeros)."""
+    if not sparse:
+        return (x - mean) / scale
+    from scipy.sparse import csr_matrix
+
+    return csr_matrix(x / scale)
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, tol: float, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -198,14 +214,17 @@ def fit_l1_head(
     if empty:
         raise ValueError(f"L1 head: classes {empty} have no extract rows")
     x = np.asarray(rows.features[keep], dtype=np.float64)
-    mean, scale = _scaler(x, standardize)
-    coef, intercept, converged = _fit_logistic((x - mean) / scale, y, C, max_iter, tol, seed)
+    # Mostly-zero features (SAE latents) are scaled but not centred, and fitted as a sparse matrix:
+    # the same L1 problem up to the intercept, at a cost proportional to the non-zeros.
+    sparse = bool(np.count_nonzero(x) < SPARSE_DENSITY * x.size)
+    mean, scale = _scaler(x, standardize, center=not sparse)
+    coef, intercept, converged = _fit_logistic(_design_matrix(x, mean, scale, sparse), y, C, max_iter, tol, seed)
     if coef.shape[0] == 1:  # two classes: sklearn returns the positive-class row only
         coef = np.vstack([np.zeros_like(coef), coef])
         intercept = np.array([0.0, intercept[0]])
     info = {
         "kind": "multinomial" if len(classes) > 2 else "binary", "contrast_as": contrast_as,
-        "standardize": standardize, "converged": converged, "class_counts": counts.tolist(),
+        "standardize": standardize, "centered": not sparse, "sparse_fit": sparse, "converged": converged, "class_counts": counts.tolist(),
         "splits": rows.provenance(), **(meta or {}),
     }
     return HeadResult(coef, intercept, tuple(classes), float(C), mean, scale, info)

@@ -77,20 +77,21 @@ def _truncate(selections: dict[str, ClassSelection], top_k: int) -> dict[str, Cl
 
 def _select_one(rows: LabelledRows, out: Path, meta: dict[str, Any], *, classes: tuple[str, ...], top_k: int,
                 n_bootstrap: int, threshold: float, c_grid: Sequence[float], tau: float, contrast_as: str,
-                n_boot_ci: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                n_boot_ci: int, seed: int, max_iter: int, tol: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """Heads, evaluation and selection for one feature matrix; writes its files into `out`.
 
     Returns (report entry, the pieces of features.json so the caller can write a reference copy).
     """
     extract, calibrate, eval_rows = (rows.only(s) for s in SPLITS)
-    fit = {"classes": classes, "contrast_as": contrast_as, "seed": seed}
+    fit = {"classes": classes, "contrast_as": contrast_as, "seed": seed, "max_iter": max_iter, "tol": tol}
     head = select_l1_head(extract, calibrate, c_grid, meta=dict(meta), **fit)
     probe_eval = evaluate_head(head, eval_rows, contrast_as, n_boot=n_boot_ci, seed=seed)
     ovr = fit_ovr_heads(extract, calibrate, c_grid, categories=classes[1:], contrast_as=contrast_as,
-                        seed=seed, meta=dict(meta))
+                        seed=seed, meta=dict(meta), max_iter=max_iter, tol=tol)
     if n_bootstrap > 0:
         stability = stability_selection(extract, head.C, n_bootstrap=n_bootstrap, threshold=threshold,
-                                        top_k=top_k, seed=seed, classes=classes, contrast_as=contrast_as)
+                                        top_k=top_k, seed=seed, classes=classes, contrast_as=contrast_as,
+                                        max_iter=max_iter, tol=tol)
         selections = _truncate(stability.selections(), top_k)
         save_numpy_tensors(out / "stability.safetensors",
                            {"frequency": stability.frequency, "mean_weight": stability.mean_weight})
@@ -140,6 +141,8 @@ def run_selection(
     seed: int = 0,
     batch_size: int = 4096,
     sae_run: str | None = None,
+    max_iter: int = 2000,
+    tol: float = 1e-4,
 ) -> dict[str, Any]:
     """Run the select stage at `layer` (saes=None: residual units; else each SAE seed) -> the report dict.
 
@@ -158,7 +161,7 @@ def run_selection(
     space = "residual" if saes is None else "sae"
     base = {"model": model_name(store), "layer": layer, "space": space, "store": str(store.directory)}
     common = dict(classes=classes, top_k=top_k, n_bootstrap=n_bootstrap, threshold=threshold, c_grid=c_grid,
-                  tau=tau, contrast_as=contrast_as, n_boot_ci=n_boot_ci, seed=seed)
+                  tau=tau, contrast_as=contrast_as, n_boot_ci=n_boot_ci, seed=seed, max_iter=max_iter, tol=tol)
     runs: dict[str, Any] = {}
     reference: dict[str, Any] | None = None
     if saes is None:
@@ -180,7 +183,7 @@ def run_selection(
         "schema_version": 1, "stage": "select", **base, "sae_run": sae_run, "classes": list(classes),
         "params": {"top_k": top_k, "n_bootstrap": n_bootstrap, "stability_threshold": threshold,
                    "c_grid": [float(c) for c in c_grid], "tau": tau, "contrast_as": contrast_as,
-                   "n_boot_ci": n_boot_ci, "seed": seed},
+                   "n_boot_ci": n_boot_ci, "seed": seed, "max_iter": max_iter, "tol": tol},
         "rows": row_counts(rows), "dropped_rows": n_dropped,
         "reference_seed": None if reference is None else reference["seed"],
         "runs": runs,
