@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from activations.atomic import write_text_atomic
 from activations.cli_util import run_cli
 
 
@@ -96,9 +97,3 @@ def write_comparison(args: argparse.Namespace) -> str:
     write_text_atomic(out / "compare.html", to_html(header, rows))
     return markdown
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temp file beside `path`, then rename over it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

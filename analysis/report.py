@@ -11,13 +11,12 @@ is optional and its section is simply left out when it is None or empty.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from activations.atomic import write_text_atomic
 from analysis import report_extra_sections, report_sections
 from analysis.report_html import FigureMaker, Section, esc, key_values
 from analysis.summary import validate_summary
@@ -142,18 +141,5 @@ def render_report(summary: dict[str, Any], extras: ReportExtras | None = None) -
 
 def write_report(out_dir: Path, summary: dict[str, Any], extras: ReportExtras | None = None) -> Path:
     """Write `out_dir/report.html` atomically (temp file in the same folder, then os.replace); return its path."""
-    out_dir = Path(out_dir)
     page = render_report(summary, extras)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / REPORT_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{REPORT_NAME}.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(page)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return write_text_atomic(Path(out_dir) / REPORT_NAME, page, mode=0o644)

@@ -1,14 +1,13 @@
 """`PromptSet`: split prompt records plus the provenance needed to reproduce them (the manifest)."""
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
+from activations.atomic import write_json_atomic
 from activations.records import CATEGORIES, SPLITS, PromptRecord
 from activations.prompts.hashing import records_sha256
 
@@ -127,18 +126,7 @@ class PromptSet:
     def write_manifest(self, path: str | os.PathLike) -> Path:
         """Write `manifest()` as indented JSON, atomically (temp file in the same folder + os.replace)."""
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.manifest(), handle, indent=2, ensure_ascii=False)
-                handle.write("\n")
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return target
+        return write_json_atomic(target, self.manifest(), ensure_ascii=False)
 
 
 def _check_names(what: str, names: Iterable[str] | None, allowed: tuple[str, ...]) -> set[str] | None:
