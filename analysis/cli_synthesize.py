@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from activations.atomic import write_text_atomic
 from activations.cli_util import run_cli
 from analysis.synthesize import DIRECTIONS, ContrastPair, SynthesisStats
 
@@ -94,20 +93,8 @@ def _token_spec(args: argparse.Namespace) -> Any:
 
 def write_pairs_jsonl(pairs: list[ContrastPair], path: Path) -> Path:
     """Atomically write one JSON object per pair (with an `id` of `<original_id>/rw`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for pair in pairs:
-                handle.write(json.dumps({"id": f"{pair.original_id}/rw", **pair.to_dict()}, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    lines = [json.dumps({"id": f"{pair.original_id}/rw", **pair.to_dict()}, ensure_ascii=False) for pair in pairs]
+    return write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import base64
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from activations.atomic import atomic_write
 from activations.records import CATEGORIES
 
 CATEGORY_COLORS: dict[str, str] = {
@@ -76,18 +76,8 @@ def save_fig(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
     fmt = out.suffix.lstrip(".").lower()
     if not fmt:
         raise ValueError(f"output path {out} has no suffix to pick the image format from")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format=fmt, dpi=dpi, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; make the image readable like a normal file
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out
+    # mkstemp creates 0600; the image is made readable like a normal file
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"), mode=0o644)
 
 
 def png_to_data_uri(path: str | os.PathLike[str]) -> str:
