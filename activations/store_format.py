@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from activations.jsonio import read_json
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{index:05d}.h5"
@@ -166,10 +168,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no activation store at {directory}: {MANIFEST_NAME} missing")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    manifest = read_json(path, "activation store manifest")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ValueError(f"{path} has schema_version {version!r}; this reader supports {SCHEMA_VERSION}")

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from activations.jsonio import iter_jsonl
 
 LETTERS = "ABCD"
 
@@ -181,20 +182,13 @@ def load_gsm8k(jsonl_path: str | Path, limit: int | None = None) -> list[GenItem
     _check_limit(limit)
     path = _require_file(Path(jsonl_path), "GSM8K")
     items: list[GenItem] = []
-    with open(path, encoding="utf-8") as handle:
-        for line, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line}: invalid JSON ({exc.msg})") from None
-            if "question" not in row or "answer" not in row:
-                raise ValueError(f"{path}:{line}: GSM8K row needs 'question' and 'answer'")
-            match = _GSM8K_ANSWER.search(str(row["answer"]))
-            if match is None:
-                raise ValueError(f"{path}:{line}: GSM8K answer does not end with '#### <number>'")
-            items.append(GenItem(f"gsm8k/{line}", row["question"], match.group(1).replace(",", "")))
-            if limit is not None and len(items) >= limit:
-                break
+    for line, row in iter_jsonl(path, "GSM8K file"):
+        if "question" not in row or "answer" not in row:
+            raise ValueError(f"{path}:{line}: GSM8K row needs 'question' and 'answer'")
+        match = _GSM8K_ANSWER.search(str(row["answer"]))
+        if match is None:
+            raise ValueError(f"{path}:{line}: GSM8K answer does not end with '#### <number>'")
+        items.append(GenItem(f"gsm8k/{line}", row["question"], match.group(1).replace(",", "")))
+        if limit is not None and len(items) >= limit:
+            break
     return items

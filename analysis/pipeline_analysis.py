@@ -13,6 +13,7 @@ from analysis.pipeline_run import PipelineRun
 from analysis.pipeline_stages import saes
 from analysis.stability_report import geometry_summary, stability_summary
 from analysis.stage_runner import write_json_atomic
+from probes.protocol import LabelledRows
 from probes.stage_data import load_last_token_rows
 
 
@@ -26,6 +27,12 @@ def geometry_report(run: PipelineRun, out: Path) -> dict[str, Any]:
     return geometry_summary(run.stage_dir("harvest") / "last", run.layer, saes(run), out, seed=run.cfg.seed)
 
 
+def _by_id_without_contrast(rows: LabelledRows) -> LabelledRows:
+    """Rows sorted by prompt id (so two models' harvests pair up), contrast rows left out."""
+    rows = rows.subset(np.argsort(rows.ids))
+    return rows.subset(rows.categories != CONTRAST)
+
+
 def diffing_report(run: PipelineRun) -> dict[str, Any]:
     """Cosine (with bootstrap CI) between base-model and target-model category vectors, per layer."""
     base_dir = run.stage_dir("harvest") / "base_last"
@@ -33,10 +40,8 @@ def diffing_report(run: PipelineRun) -> dict[str, Any]:
         return {"note": "no base-model harvest (refusal tokens not fitted by this run)"}
     result = {}
     for layer in run.layers():
-        a = load_last_token_rows(ActivationStore(base_dir), layer, splits=("extract",))
-        b = load_last_token_rows(ActivationStore(run.stage_dir("harvest") / "last"), layer, splits=("extract",))
-        a = a.subset(np.argsort(a.ids)[a.categories[np.argsort(a.ids)] != CONTRAST])  # same prompts, same order
-        b = b.subset(np.argsort(b.ids)[b.categories[np.argsort(b.ids)] != CONTRAST])
+        a, b = (_by_id_without_contrast(load_last_token_rows(ActivationStore(d), layer, splits=("extract",)))
+                for d in (base_dir, run.stage_dir("harvest") / "last"))
         if not np.array_equal(a.ids, b.ids):
             raise ValueError("base and target harvests hold different extract prompts; re-run the harvest stage")
         result[str(layer)] = category_vector_cosines(

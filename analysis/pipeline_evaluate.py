@@ -90,8 +90,9 @@ def stage_evaluate(run: PipelineRun, out: Path) -> dict[str, Any]:
         run_plan(name, plan_from_decisions(decisions, vectors, d_model))
 
     ablate_by_seed = {}
+    ablated = {seed: selected_union(run, seed) for seed in models}
     for seed, sae in models.items():
-        ids = selected_union(run, seed)
+        ids = ablated[seed]
         print(f"  condition ablate (seed {seed}, {len(ids)} features)", flush=True)
         context = lambda rows_, sae=sae, ids=ids: ablate_features(adapter, run.layer, sae, ids)  # noqa: E731
         ablate_by_seed[seed] = run_refusal(setup, records, context=context)
@@ -122,7 +123,7 @@ def stage_evaluate(run: PipelineRun, out: Path) -> dict[str, Any]:
         "paired_vs_baseline": {name: compare_conditions(results["baseline"], found)
                                for name, found in results.items() if name != "baseline"},
         "ablate_by_seed": {str(s): refusal_table(found) for s, found in ablate_by_seed.items()},
-        "ablated_features": {str(s): selected_union(run, s) for s in models},
+        "ablated_features": {str(s): ids for s, ids in ablated.items()},
         "sweep": sweep, "sufficiency": sufficiency, "capability": capability,
         "gate_decisions": {name: _decision_counts(log) for name, log in gate_log.items()},
     }

@@ -22,12 +22,12 @@ before using synthesized prompts as evaluation data.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from activations.jsonio import iter_jsonl
 from activations.records import BENIGN
 from analysis.generation import generate_texts
 
@@ -226,18 +226,9 @@ def _rewrite_rounds(
 
 def load_few_shot(path: str | Path) -> list[dict[str, str]]:
     """Few-shot examples from a jsonl file of `{"original": ..., "rewritten": ...}` objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"few-shot file not found: {path}")
     examples = []
-    for line, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{line}: invalid JSON ({exc.msg})") from None
-        values = [row.get(k) if isinstance(row, dict) else None for k in ("original", "rewritten")]
+    for line, row in iter_jsonl(path, "few-shot file"):
+        values = [row.get(k) for k in ("original", "rewritten")]
         if not all(isinstance(v, str) and v.strip() for v in values):
             raise ValueError(f"{path}:{line}: a few-shot example needs non-empty 'original' and 'rewritten' strings")
         examples.append({"original": row["original"], "rewritten": row["rewritten"]})

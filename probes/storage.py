@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 
 from activations.atomic import atomic_write as _atomic_write
+from activations.jsonio import read_json
+
+__all__ = ["read_json", "to_jsonable", "write_json", "save_numpy_tensors", "load_numpy_tensors", "save_torch_tensors", "load_torch_tensors"]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -54,17 +57,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
             os.fsync(handle.fileno())
 
     return _atomic_write(path, _write)
-
-
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """Read a JSON file, naming `what` it should hold in the error when it is missing or broken."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{what} at {path} is not valid JSON: {err}") from None
 
 
 def save_numpy_tensors(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from activations.jsonio import read_json
 from activations.store_format import write_json_atomic
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
@@ -157,10 +158,7 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> tuple
     cfg_path = root / CFG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no {CFG_NAME} in {root}")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from None
+    cfg = read_json(cfg_path, "SAE config")
     weights_path = _weights_path(root)
     ours = cfg.get("refusal_sae")
     if ours is not None:

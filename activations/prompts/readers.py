@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from activations.jsonio import iter_jsonl_text
 from activations.prompts.hashing import file_sha256
 from activations.prompts.spec import SourceSpec
 
@@ -42,18 +43,7 @@ def read_file_rows(path: Path, fmt: str, spec_raw: str) -> list[Row]:
 
 def parse_jsonl(text: str, where: str) -> list[Row]:
     """Parse JSON Lines text (blank lines skipped); each line must be a JSON object."""
-    rows: list[Row] = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"prompt source {where}: line {line_no} is not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"prompt source {where}: line {line_no} is not a JSON object")
-        rows.append(row)
-    return rows
+    return [row for _, row in iter_jsonl_text(text, f"prompt source {where}")]
 
 
 def _read_json_array(path: Path, spec_raw: str) -> list[Row]:
