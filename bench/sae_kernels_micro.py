@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.sae_step import time_ms  # noqa: E402
 from sae.kernels import scatter_rows_matmul, sparse_decode  # noqa: E402
+from sae.topk_filter import filtered_topk  # noqa: E402
 
 
 def dense_matmul(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -26,10 +27,62 @@ def dense_matmul(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tens
     return g.t() @ dense
 
 
+def two_stage_topk(pre: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k per chunk of columns, then top-k of the candidates (same result as one top-k)."""
+    batch, n = pre.shape
+    values, local = pre.view(batch, n // chunk, chunk).topk(k, dim=-1, sorted=False)
+    cols = local + torch.arange(0, n, chunk, device=pre.device)[None, :, None]
+    best, pick = values.view(batch, -1).topk(k, dim=-1, sorted=False)
+    return best, cols.view(batch, -1).gather(1, pick)
+
+
+def fused_cases(W: torch.Tensor, xb: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, k: int) -> dict:
+    """The Triton kernels of the fused path, checked against torch first."""
+    from sae import triton_kernels as tk
+    from sae.fused import LatentSort, RowGradTerm, reference_row_grad_adam
+
+    d_sae = W.shape[0]
+    W16 = W.bfloat16()
+    sort = LatentSort.of(idx, d_sae)
+    term = sort.term(w, xb)
+    ref_decode = torch.nn.functional.embedding_bag(idx, W16.float(), per_sample_weights=w, mode="sum")
+    err = (tk.gather_decode(w, idx, W16) - ref_decode).norm() / ref_decode.norm()
+    dots = tk.row_dots(W16, sort.crow, sort.src, xb)
+    ref_dots = (xb.float()[sort.src] * W16.float()[idx.reshape(-1)[sort.order]]).sum(-1)
+    err_dots = (dots - ref_dots).norm() / ref_dots.norm()
+    Wa, Wb_ = W[:4096].clone(), W[:4096].clone()
+    small = RowGradTerm(sort.crow[:4097], sort.src[: int(sort.crow[4096])], term.coef[: int(sort.crow[4096])], xb)
+    ma, va = torch.rand_like(Wa) * 1e-3, torch.rand_like(Wa) * 1e-6
+    mb, vb = ma.clone(), va.clone()
+    shadow = Wa.bfloat16()
+    opts = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=3, remove_parallel=True, renorm=True)
+    tk.row_grad_adam(Wa, shadow, ma, va, small.crow, small.src, small.coef, xb, **opts)
+    reference_row_grad_adam(Wb_, mb, vb, small, **opts)
+    err_adam = max(float((a - b).norm() / b.norm()) for a, b in ((Wa, Wb_), (ma, mb), (va, vb)))
+    err_shadow = float((shadow.float() - Wa).norm() / Wa.norm())
+    print(f"  kernel checks: decode {err:.1e}, row_dots {err_dots:.1e}, row_grad_adam {err_adam:.1e}, shadow {err_shadow:.1e}")
+    m, v, m16 = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(W, dtype=torch.bfloat16)
+    return {
+        "fused decode (triton gather)": lambda: tk.gather_decode(w, idx, W16),
+        "fused row_dots (triton)": lambda: tk.row_dots(W16, sort.crow, sort.src, xb),
+        "fused row_grad_adam fp32 m (triton)": lambda: tk.row_grad_adam(
+            W, W16, m, v, sort.crow, sort.src, term.coef, xb, **opts),
+        "fused row_grad_adam bf16 m (triton)": lambda: tk.row_grad_adam(
+            W, W16, m16, v, sort.crow, sort.src, term.coef, xb, **opts),
+        "latent sort (LatentSort.of)": lambda: LatentSort.of(idx, d_sae),
+        **{f"fused row_grad_adam fp32 m, {nw} warps": (lambda nw=nw: tk.row_grad_adam(
+            W, W16, m, v, sort.crow, sort.src, term.coef, xb, num_warps=nw, **opts)) for nw in (4, 8, 16, 32)},
+        **{f"encoder row_grad_adam bf16 m, column block {cb}": (lambda cb=cb: tk.row_grad_adam(
+            W, W16, m16, v, sort.crow, sort.src, term.coef, xb, column_block=cb,
+            **{**opts, "remove_parallel": False, "renorm": False})) for cb in (512, 1024, 2048, 4096)},
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--fused", action="store_true", help="profile the fused path")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     dev = torch.device("cuda")
@@ -63,7 +116,15 @@ def main() -> int:
             "sddmm fp32 (sampled_addmm)": lambda: torch.sparse.sampled_addmm(csr_f, x, W.t(), beta=0.0),
         })
         pre = xb @ Wb.t()
+        pre32 = pre.float()
         cases["topk(64) of (batch, d_sae) bf16"] = lambda: pre.topk(k, dim=-1, sorted=False)
+        cases["topk(64) fp32"] = lambda: pre32.topk(k, dim=-1, sorted=False)
+        cases["topk two-stage (64 chunks of 1024)"] = lambda: two_stage_topk(pre, k)
+        cases["filtered_topk (triton threshold filter)"] = lambda: filtered_topk(pre, k)
+        fv, fi = filtered_topk(pre, k)
+        print(f"  filtered_topk equals torch.topk: {torch.equal(fv.sort(dim=1).values, pre.topk(k, dim=-1).values.sort(dim=1).values)}"
+              f", indices point at the values: {torch.equal(pre.gather(1, fi), fv)}")
+        cases.update(fused_cases(W, xb, idx, w, k))
         for name, fn in cases.items():
             try:
                 print(f"  {name:<36} {time_ms(fn, args.steps, 2, dev):8.2f} ms", flush=True)
@@ -75,7 +136,8 @@ def main() -> int:
         from sae.config import SAEConfig
         from sae.step import BareTrainer
 
-        trainer = BareTrainer(SAEConfig(d_in=d_in, d_sae=d_sae, k=k), [0], lr=1e-4, device=dev, autocast_dtype=torch.bfloat16)
+        trainer = BareTrainer(SAEConfig(d_in=d_in, d_sae=d_sae, k=k), [0], lr=1e-4, device=dev,
+                              autocast_dtype=torch.bfloat16, fused=args.fused)
         x = torch.randn(args.batches[-1], d_in, device=dev)
         for _ in range(3):
             trainer.step(x)

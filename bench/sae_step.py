@@ -3,10 +3,13 @@
     python bench/sae_step.py                 # GPU: d_in 4096, 65,536 latents, k 64, batches 4096 and 16384, bf16
     python bench/sae_step.py --cpu-smoke     # tiny sizes on the CPU (checks the script runs)
 
-A step = forward, backward, removal of the decoder-parallel gradient, Adam (fused on CUDA) and
-decoder renormalisation, for both libraries. Printed per batch size: ms/step and activations/s of
-each, the ratio ours/sparsify, a floor (encoder matmul alone + Adam's memory traffic at the
-measured copy bandwidth) and our full Lightning `fit` loop per step vs our bare step (overhead %).
+A step = forward, backward, removal of the decoder-parallel gradient, Adam and decoder
+renormalisation, for both libraries. Ours runs in three variants: `standard` (autograd with sparse
+CSR gradients + torch's fused Adam), `fused` (deferred row gradients + FusedAdam's Triton pass,
+float32 moments) and `fused-bf16m` (the same with bfloat16 first moments). Printed per batch size:
+ms/step and activations/s of each, sparsify's ms/step / ours (the speed-up), a floor (encoder matmul
+alone + fp32 Adam's memory traffic at the measured copy bandwidth) and the full Lightning `fit`
+loop per step (fused path) vs the bare fused step (overhead %).
 """
 from __future__ import annotations
 
@@ -83,8 +86,36 @@ def check_kernel(device: torch.device) -> None:
         raise RuntimeError("sparse backward disagrees with dense autograd")
 
 
-def bench_ours(cfg: SAEConfig, x: torch.Tensor, args: argparse.Namespace, dtype: torch.dtype | None) -> float:
-    trainer = BareTrainer(cfg, seeds=[0], lr=1e-4, device=x.device, autocast_dtype=dtype)
+VARIANTS = {"standard": {}, "fused": {"fused": True}, "fused-bf16m": {"fused": True, "exp_avg_dtype": torch.bfloat16}}
+
+
+def check_fused(device: torch.device) -> None:
+    """Fused path (Triton where available) vs its torch reference vs the standard path, float32, 10 steps."""
+    from sae import triton_kernels
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = SAEConfig(d_in=256, d_sae=4096, k=32, auxk_coeff=1 / 32, auxk_k=64, dead_tokens_threshold=256)
+    g = torch.Generator(device).manual_seed(2)
+    batches = [torch.randn(128, cfg.d_in, device=device, generator=g) for _ in range(10)]
+    params = {}
+    for name, options, kernels_on in (("standard", {}, True), ("fused", {"fused": True}, True), ("reference", {"fused": True}, False)):
+        triton_kernels.ENABLED = kernels_on
+        trainer = BareTrainer(cfg, seeds=[0], lr=1e-3, device=device, **options)
+        for x in batches:
+            trainer.step(x)
+        params[name] = [p.detach().clone() for p in trainer.saes[0].parameters()]
+    triton_kernels.ENABLED = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for other in ("fused", "reference"):
+        worst = max(float((a - r).norm() / r.norm()) for a, r in zip(params[other], params["standard"]))
+        print(f"fused check: {other} vs standard after 10 steps, max relative parameter error {worst:.2e}", flush=True)
+        if not worst < 1e-4:
+            raise RuntimeError(f"fused path ({other}) disagrees with the standard path")
+
+
+def bench_ours(cfg: SAEConfig, x: torch.Tensor, args: argparse.Namespace, dtype: torch.dtype | None,
+               options: dict[str, object]) -> float:
+    trainer = BareTrainer(cfg, seeds=[0], lr=1e-4, device=x.device, autocast_dtype=dtype, **options)  # type: ignore[arg-type]
     ms = time_ms(lambda: trainer.step(x), args.steps, args.warmup, x.device)
     if args.breakdown:
         sae = trainer.saes[0]
@@ -99,10 +130,12 @@ def bench_ours(cfg: SAEConfig, x: torch.Tensor, args: argparse.Namespace, dtype:
                 loss = sae(x).fvu
             loss.backward()
             sae.zero_grad(set_to_none=True)
+            if sae.deferred is not None:
+                sae.deferred.clear()
 
         fwd = time_ms(forward, args.steps, args.warmup, x.device)
         fwd_bwd = time_ms(forward_backward, args.steps, args.warmup, x.device)
-        print(f"  ours at batch {x.shape[0]}: forward {fwd:.2f} ms, backward {fwd_bwd - fwd:.2f} ms, "
+        print(f"  ours {options} at batch {x.shape[0]}: forward {fwd:.2f} ms, backward {fwd_bwd - fwd:.2f} ms, "
               f"optimizer + decoder constraint {ms - fwd_bwd:.2f} ms", flush=True)
     del trainer
     free_memory(x.device)
@@ -152,7 +185,7 @@ def bench_floor(cfg: SAEConfig, x: torch.Tensor, args: argparse.Namespace, dtype
 
 
 def bench_fit(cfg: SAEConfig, batch: int, args: argparse.Namespace, device: torch.device, precision: str) -> float:
-    """ms/step of the full Lightning fit loop (in-memory data module, CSV logger every 50 steps)."""
+    """ms/step of the full Lightning fit loop (in-memory data module, CSV logger every 50 steps; fused on CUDA)."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
 
@@ -192,7 +225,7 @@ def bench_fit(cfg: SAEConfig, batch: int, args: argparse.Namespace, device: torc
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, limit_val_batches=0,
         )
-        trainer.fit(SAELightningModule(cfg, seeds=[0], lr=1e-4), datamodule=datamodule)
+        trainer.fit(SAELightningModule(cfg, seeds=[0], lr=1e-4, fused=device.type == "cuda"), datamodule=datamodule)
         del trainer, datamodule
     free_memory(device)
     return (timer.end - timer.start) * 1000 / args.steps
@@ -209,6 +242,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-fit", action="store_true", help="skip the Lightning fit-loop timing")
     parser.add_argument("--breakdown", action="store_true", help="also time our forward and backward alone")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--no-sparsify", action="store_true", help="skip sparsify")
     args = parser.parse_args()
     if args.cpu_smoke:
         args.d_in, args.latents, args.k, args.batches, args.steps, args.warmup = 64, 512, 8, [128, 256], 5, 2
@@ -221,26 +256,31 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg = SAEConfig(d_in=args.d_in, d_sae=args.latents, k=args.k)
     check_kernel(device)
+    check_fused(device)
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"d_in {cfg.d_in}, latents {cfg.num_latents}, k {cfg.k}, compute {dtype or torch.float32}", flush=True)
-    header = f"{'batch':>6} {'ours ms':>9} {'ours act/s':>11} {'sparsify ms':>12} {'sparsify act/s':>15} {'ours/sparsify':>14} " \
+    names = [v for v in args.variants if v in VARIANTS]
+    header = f"{'batch':>6} {'variant':>12} {'ms/step':>8} {'act/s':>9} {'sparsify ms':>12} {'speed-up':>9} " \
              f"{'floor ms':>9} {'(matmul+adam)':>14} {'fit ms':>8} {'overhead':>9}"
     rows = []
     for batch in args.batches:
         x = torch.randn(batch, cfg.d_in, device=device, generator=torch.Generator(device).manual_seed(0))
-        ours = bench_ours(cfg, x, args, dtype)
-        theirs = bench_sparsify(cfg, x, args)
+        times = {name: bench_ours(cfg, x, args, dtype, VARIANTS[name]) for name in names}
+        theirs = None if args.no_sparsify else bench_sparsify(cfg, x, args)
         matmul_ms, adam_ms = bench_floor(cfg, x, args, dtype or torch.float32)
         del x
         free_memory(device)
         fit_ms = None if args.no_fit else bench_fit(cfg, batch, args, device, precision)
-        rows.append(
-            f"{batch:>6} {ours:>9.2f} {batch / ours * 1000:>11.3g} "
-            + (f"{theirs:>12.2f} {batch / theirs * 1000:>15.3g} {ours / theirs:>14.2f} " if theirs else f"{'-':>12} {'-':>15} {'-':>14} ")
-            + f"{matmul_ms + adam_ms:>9.2f} {f'{matmul_ms:.1f}+{adam_ms:.1f}':>14} "
-            + (f"{fit_ms:>8.2f} {100 * (fit_ms - ours) / ours:>8.1f}%" if fit_ms else f"{'-':>8} {'-':>9}")
-        )
-        print(rows[-1], flush=True)
+        for name, ms in times.items():
+            fit_cols = f"{'-':>8} {'-':>9}"
+            if fit_ms and name == ("fused" if device.type == "cuda" else "standard"):
+                fit_cols = f"{fit_ms:>8.2f} {100 * (fit_ms - ms) / ms:>8.1f}%"
+            rows.append(
+                f"{batch:>6} {name:>12} {ms:>8.2f} {batch / ms * 1000:>9.3g} "
+                + (f"{theirs:>12.2f} {theirs / ms:>8.2f}x " if theirs else f"{'-':>12} {'-':>9} ")
+                + f"{matmul_ms + adam_ms:>9.2f} {f'{matmul_ms:.1f}+{adam_ms:.1f}':>14} " + fit_cols
+            )
+            print(rows[-1], flush=True)
     print("\n" + header + "\n" + "\n".join(rows))
     return 0
 

@@ -87,7 +87,7 @@ class RunExport(pl.Callback):
         self.metrics: dict[str, dict[str, Any]] = {}
 
     def _check_ranks_agree(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        """Every rank must hold the same weights and latent statistics (a DDP sanity check)."""
+        """Every rank must hold the same weights and latent statistics (a DDP / seed-parallel sanity check)."""
         if trainer.world_size == 1:
             return
         local = torch.stack([
@@ -101,6 +101,7 @@ class RunExport(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.monitor.raise_if_bad()
+        pl_module.sync_seed_states()  # seed-parallel: owners' weights to every rank (no-op otherwise)
         self._check_ranks_agree(trainer, pl_module)
         if trainer.is_global_zero:
             self.export(trainer, pl_module)

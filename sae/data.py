@@ -141,8 +141,11 @@ class ShardDataModule(pl.LightningDataModule):
             self._host_x, self._host_y = x, labels_from_categories(meta.category)
 
     def _world(self) -> tuple[int, int]:
+        """(rank, world size) for slicing the global batch; (0, 1) when every rank takes all of it."""
         trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if trainer is None or getattr(trainer.strategy, "replicates_data", False):
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
         if self.in_memory:

@@ -56,6 +56,21 @@ def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> T
         return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
 
 
+def row_offsets(sorted_rows: Tensor, n_rows: int) -> Tensor:
+    """CSR offsets `(n_rows + 1,)` int64 of entries whose row ids `(nnz,)` are sorted ascending.
+
+    A binary search, not `bincount`: bincount on CUDA reads its result size back to the host, a sync.
+    """
+    bounds = torch.arange(n_rows + 1, device=sorted_rows.device, dtype=sorted_rows.dtype)
+    return torch.searchsorted(sorted_rows, bounds)
+
+
+def rows_of_entries(crow: Tensor, nnz: int) -> Tensor:
+    """The row id `(nnz,)` of every entry of a CSR matrix with offsets `crow` (inverse of row_offsets)."""
+    entries = torch.arange(nnz, device=crow.device, dtype=crow.dtype)
+    return torch.searchsorted(crow, entries, right=True) - 1
+
+
 def scatter_rows_matmul(indices: Tensor, weights: Tensor, dense: Tensor, n_rows: int) -> Tensor:
     """Sᵀ @ dense in float32: `out[i] = sum of weights[b, j] * dense[b] over indices[b, j] == i`.
 
@@ -63,11 +78,9 @@ def scatter_rows_matmul(indices: Tensor, weights: Tensor, dense: Tensor, n_rows:
         indices, weights: `(batch, n)`; dense: `(batch, d)`. Returns `(n_rows, d)`.
     """
     batch, n = indices.shape
-    flat = indices.reshape(-1)
-    order = torch.sort(flat, stable=True).indices  # by latent, then by batch row
+    sorted_rows, order = torch.sort(indices.reshape(-1), stable=True)  # by latent, then by batch row
     rows = torch.div(order, n, rounding_mode="floor")
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=indices.device)
-    crow[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
+    crow = row_offsets(sorted_rows, n_rows)
     csr_t = _csr(crow, rows, weights.reshape(-1)[order].to(torch.float32), (n_rows, batch))
     return csr_t @ dense.to(torch.float32)
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from activations.records import CATEGORIES, REFUSAL_CATEGORIES
 from sae.config import SAEConfig
-from sae.model import ForwardOutput
+from sae.model import ForwardOutput, total_variance
 
 TERM_NAMES: tuple[str, ...] = ("fvu", "auxk", "l1", "contrastive", "total")
 ANCHOR_CLASS_IDS: tuple[int, ...] = tuple(CATEGORIES.index(c) for c in REFUSAL_CATEGORIES)
@@ -47,8 +47,7 @@ def auxk_loss(x: Tensor, out: ForwardOutput) -> Tensor:
         return out.fvu.new_zeros(())
     target = x.to(torch.float32)
     residual = (target - out.x_hat.to(torch.float32)).detach()
-    total_variance = (target - target.mean(dim=0)).pow(2).sum()
-    return out.aux_scale * (out.aux_x_hat.to(torch.float32) - residual).pow(2).sum() / total_variance
+    return out.aux_scale * F.mse_loss(out.aux_x_hat.to(torch.float32), residual, reduction="sum") / total_variance(target)
 
 
 def l1_penalty(latent_values: Tensor) -> Tensor:

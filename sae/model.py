@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae.config import SAEConfig
+from sae.fused import DeferredGrads, fused_decode, fused_topk
 from sae.initialization import geometric_median, input_scale_for
 from sae.kernels import compute_dtype_for, sparse_decode, topk_pre_acts
 
@@ -47,6 +48,12 @@ class ForwardOutput(NamedTuple):
         """Dense codes `(batch, d_sae)` (built on demand)."""
         dense = self.latent_values.new_zeros(self.latent_values.shape[0], self.d_sae)
         return dense.scatter_add(1, self.latent_indices, self.latent_values)
+
+
+def total_variance(x: Tensor) -> Tensor:
+    """`sum_b ||x_b - mean(x)||²` of a `(batch, d)` float32 batch, in one reduction (no gradient)."""
+    with torch.no_grad():
+        return x.var(dim=0, unbiased=False).sum() * x.shape[0]
 
 
 class SparseAutoencoder(nn.Module):
@@ -83,6 +90,15 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("input_scale", torch.ones((), device=device, dtype=torch.float32))
         self.register_buffer("threshold", torch.zeros(d_sae, device=device, dtype=dtype))
         self.register_buffer("threshold_seen", torch.zeros((), device=device, dtype=torch.bool))
+        self.deferred: DeferredGrads | None = None  # set by use_fused_training()
+
+    def use_fused_training(self, enabled: bool = True) -> None:
+        """Train on the fused path (`sae/fused.py`): matrix gradients are deferred to `FusedAdam`."""
+        self.deferred = DeferredGrads() if enabled else None
+
+    @property
+    def _fused_now(self) -> bool:
+        return self.deferred is not None and self.training and torch.is_grad_enabled()
 
     # ---- properties ---------------------------------------------------------------------------
     @property
@@ -107,10 +123,13 @@ class SparseAutoencoder(nn.Module):
         return self.W_enc_rows.dtype
 
     # ---- encoding -----------------------------------------------------------------------------
-    def _encoder_input(self, x: Tensor) -> Tensor:
-        """`(batch, d_in)` → scaled and (optionally) b_dec-centred encoder input."""
+    def _check_input(self, x: Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"SAE input must have shape (batch, {self.d_in}), got {tuple(x.shape)}")
+
+    def _encoder_input(self, x: Tensor) -> Tensor:
+        """`(batch, d_in)` → scaled and (optionally) b_dec-centred encoder input."""
+        self._check_input(x)
         x = x.to(self.dtype) * self.input_scale.to(self.dtype)
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
@@ -148,10 +167,20 @@ class SparseAutoencoder(nn.Module):
             return values, indices, None, None
         use_aux = dead_mask is not None and self.cfg.auxk_coeff > 0
         per_row = self.cfg.k if arch == "topk" else min(self.d_sae, self.cfg.k * self.cfg.batchtopk_row_cap)
-        pre_values, indices, aux_pre, aux_indices = topk_pre_acts(
-            self._encoder_input(x), self.W_enc_rows, self.b_enc, per_row,
-            aux_mask=dead_mask if use_aux else None, k_aux=self.cfg.auxk_k if use_aux else 0,  # type: ignore[arg-type]
-        )
+        aux_mask, k_aux = (dead_mask, self.cfg.auxk_k) if use_aux else (None, 0)
+        if self._fused_now:
+            assert self.deferred is not None
+            self._check_input(x)
+            w_rows = self.deferred.compute_weight("W_enc_rows", self.W_enc_rows, compute_dtype_for(x, self.dtype))
+            x_scaled = x.to(self.dtype) * self.input_scale.to(self.dtype)
+            pre_values, indices, aux_pre, aux_indices = fused_topk(
+                x_scaled, self.b_dec, self.b_enc, w_rows, per_row, self.deferred, aux_mask, k_aux,  # type: ignore[arg-type]
+                self.cfg.apply_b_dec_to_input,
+            )
+        else:
+            pre_values, indices, aux_pre, aux_indices = topk_pre_acts(
+                self._encoder_input(x), self.W_enc_rows, self.b_enc, per_row, aux_mask=aux_mask, k_aux=k_aux  # type: ignore[arg-type]
+            )
         values = F.relu(pre_values)
         if arch == "batchtopk":
             values = self._batch_topk_mask(values)
@@ -186,9 +215,17 @@ class SparseAutoencoder(nn.Module):
         return values.new_zeros(values.shape[0], self.d_sae).scatter_add(1, indices, values)
 
     # ---- decoding -----------------------------------------------------------------------------
+    def _decode_rows(self, values: Tensor, indices: Tensor) -> Tensor:
+        """`sum_j values[b, j] * W_dec[indices[b, j]]` → `(batch, d_in)` float32 (no bias, no scale)."""
+        if self._fused_now:
+            assert self.deferred is not None
+            w_dec = self.deferred.compute_weight("W_dec", self.W_dec, compute_dtype_for(values, self.dtype))
+            return fused_decode(values, indices, w_dec, self.deferred)
+        return sparse_decode(values, indices, self.W_dec)
+
     def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
         """`(batch, n)` values / indices → `(batch, d_in)` reconstruction in raw units."""
-        decoded = sparse_decode(values, indices, self.W_dec)
+        decoded = self._decode_rows(values, indices)
         return (decoded + self.b_dec.to(decoded.dtype)) / self.input_scale.to(decoded.dtype)
 
     def decode(self, z: Tensor) -> Tensor:
@@ -213,12 +250,10 @@ class SparseAutoencoder(nn.Module):
             values, indices, aux_values, aux_indices = self._select(x, dead_mask)
             x_hat = self.decode_sparse(values, indices)
         target = x.to(torch.float32)
-        error = target - x_hat.to(torch.float32)
-        total_variance = (target - target.mean(dim=0)).pow(2).sum()
-        fvu = error.pow(2).sum() / total_variance
+        fvu = F.mse_loss(x_hat.to(torch.float32), target, reduction="sum") / total_variance(target)
         aux_x_hat = aux_scale = None
         if aux_values is not None and aux_indices is not None and dead_mask is not None:
-            decoded = sparse_decode(aux_values, aux_indices, self.W_dec)
+            decoded = self._decode_rows(aux_values, aux_indices)
             aux_x_hat = decoded / self.input_scale.to(decoded.dtype)
             aux_scale = (dead_mask.sum().to(torch.float32) / aux_values.shape[1]).clamp(max=1.0)
         return ForwardOutput(x_hat, values, indices, fvu, aux_x_hat, aux_scale, self.d_sae)

@@ -5,8 +5,10 @@ one Adam optimizer (fused on CUDA) holds one parameter group per seed. Because t
 parameters, minimising the sum of their losses is the same as training each alone.
 Each step: forward + loss terms per seed → backward → remove the gradient component parallel to
 each decoder row → Adam → renormalise decoder rows. No host syncs except at logging intervals.
+On one CUDA device the fused path (`sae/fused.py`) does the last three in one pass per matrix.
 With several devices, Lightning's DDP replicates all seeds on every rank and averages gradients;
-the data module gives each rank its own slice of the global batch.
+the data module gives each rank its own slice of the global batch. With the `seed_parallel`
+strategy (`sae/seed_parallel.py`) each rank instead trains its own seeds on the whole batch.
 """
 from __future__ import annotations
 
@@ -19,7 +21,11 @@ from torch import Tensor, nn
 from sae.config import SAEConfig, default_lr
 from sae.losses import TERM_NAMES, NonFiniteMonitor, check_finite
 from sae.model import SparseAutoencoder
-from sae.step import seed_step_loss
+from sae.seed_parallel import (
+    OPTIMIZER_KEY, SeedParallelStrategy, gather_optimizer_states, optimizer_state_for_rank, owned_indices,
+    sync_seed_states,
+)
+from sae.step import fused_supported, make_optimizer, seed_step_loss
 from sae.tracking import LatentTracker, density_histogram, density_summary, l0_norm
 
 
@@ -37,6 +43,9 @@ class SAELightningModule(pl.LightningModule):
         check_finite_every_step: check the loss terms for NaN/inf every step (a host sync);
             otherwise they are checked at every logging interval and at the end, and the error
             still names the first bad step.
+        fused: train on the fused path (`sae/fused.py`, `FusedAdam`); None = where it is supported
+            (a CUDA device with Triton, one process). Same updates as the standard path, faster.
+        exp_avg_dtype: first-moment dtype of the fused path's matrices ("bfloat16" moves fewer bytes).
     """
 
     def __init__(
@@ -50,6 +59,8 @@ class SAELightningModule(pl.LightningModule):
         adam_eps: float = 6.25e-10,
         init_b_dec: Literal["geometric_median", "mean", "zeros"] = "geometric_median",
         check_finite_every_step: bool = False,
+        fused: bool | None = None,
+        exp_avg_dtype: Literal["float32", "bfloat16"] = "float32",
     ) -> None:
         super().__init__()
         cfg = SAEConfig.from_dict(sae) if isinstance(sae, dict) else sae
@@ -62,6 +73,8 @@ class SAELightningModule(pl.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0.0 <= lr_decay_frac < 1.0:
             raise ValueError(f"lr_decay_frac must be in [0, 1), got {lr_decay_frac}")
+        if exp_avg_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"exp_avg_dtype must be float32 or bfloat16, got {exp_avg_dtype!r}")
         if init_b_dec not in ("geometric_median", "mean", "zeros"):
             raise ValueError(f"unknown init_b_dec {init_b_dec!r}; expected geometric_median, mean or zeros")
         # plain types only, so checkpoints load with torch.load(weights_only=True)
@@ -70,6 +83,7 @@ class SAELightningModule(pl.LightningModule):
                 "sae": cfg.to_dict(), "seeds": seeds, "lr": lr, "lr_warmup_steps": lr_warmup_steps,
                 "lr_decay_frac": lr_decay_frac, "adam_betas": list(adam_betas), "adam_eps": adam_eps,
                 "init_b_dec": init_b_dec, "check_finite_every_step": check_finite_every_step,
+                "fused": fused, "exp_avg_dtype": exp_avg_dtype,
             }
         )
         self.cfg, self.seeds = cfg, seeds
@@ -77,6 +91,8 @@ class SAELightningModule(pl.LightningModule):
         self.lr_warmup_steps, self.lr_decay_frac = lr_warmup_steps, lr_decay_frac
         self.adam_betas, self.adam_eps = (float(adam_betas[0]), float(adam_betas[1])), adam_eps
         self.init_b_dec, self.check_finite_every_step = init_b_dec, check_finite_every_step
+        self.fused_request, self.exp_avg_dtype = fused, getattr(torch, exp_avg_dtype)
+        self.fused = False  # decided in configure_optimizers, once the device is known
         self.saes = nn.ModuleList([SparseAutoencoder(cfg, seed=s) for s in seeds])
         self.trackers = nn.ModuleList([LatentTracker(cfg.num_latents, cfg.dead_tokens_threshold) for _ in seeds])
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -116,12 +132,53 @@ class SAELightningModule(pl.LightningModule):
                     tensor.copy_(self.trainer.strategy.broadcast(tensor.detach().clone(), src=0))
         self.initialized.fill_(True)
 
+    # ---- seed parallelism ---------------------------------------------------------------------
+    @property
+    def seed_parallel(self) -> bool:
+        """True under the seed_parallel strategy: this rank trains only `owned()` seeds."""
+        return self._trainer is not None and isinstance(self.trainer.strategy, SeedParallelStrategy)
+
+    def owned(self) -> list[int]:
+        """Indices of the seeds this process trains (all of them unless seed-parallel)."""
+        if not self.seed_parallel:
+            return list(range(len(self.seeds)))
+        return owned_indices(len(self.seeds), self.trainer.global_rank, self.trainer.world_size)
+
+    def sync_seed_states(self) -> None:
+        """Seed-parallel: copy every seed's weights and statistics from its owner to all ranks."""
+        if self.seed_parallel and self.trainer.world_size > 1:
+            sync_seed_states(list(self.saes), self.trainer.world_size)
+            sync_seed_states(list(self.trackers), self.trainer.world_size)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Seed-parallel checkpoints hold every seed's weights and optimizer state (all ranks call this)."""
+        if self.seed_parallel and self.trainer.world_size > 1:
+            self.sync_seed_states()  # in place: the dumped state_dict shares these tensors
+            checkpoint[OPTIMIZER_KEY] = gather_optimizer_states(
+                self.trainer.optimizers[0], list(self.saes), self.owned(), self.trainer.world_size
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Give this rank's optimizer the saved states of the seeds it owns."""
+        if OPTIMIZER_KEY in checkpoint and checkpoint.get("optimizer_states"):
+            checkpoint["optimizer_states"] = [optimizer_state_for_rank(
+                checkpoint[OPTIMIZER_KEY], checkpoint["optimizer_states"][0], list(self.saes), self.owned(), self.seeds
+            )]
+
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = [{"params": list(sae.parameters()), "name": f"seed{s}"} for s, sae in zip(self.seeds, self.saes)]
-        on_cuda = self.device.type == "cuda"
-        optimizer = torch.optim.Adam(
-            groups, lr=self.lr, betas=self.adam_betas, eps=self.adam_eps, fused=True if on_cuda else None
-        )
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if self.seed_parallel and world_size > len(self.seeds):
+            raise ValueError(f"seed_parallel needs at least one seed per device: {len(self.seeds)} seeds, {world_size} devices")
+        grad_sync = world_size > 1 and not self.seed_parallel
+        if self.fused_request and grad_sync:
+            raise ValueError("fused=True defers gradients that DDP cannot all-reduce; use fused=false with several devices "
+                             "or the seed_parallel strategy")
+        supported = fused_supported(self.device, 2 if grad_sync else 1, self.cfg.d_in)
+        self.fused = supported if self.fused_request is None else bool(self.fused_request)
+        owned = self.owned()
+        optimizer = make_optimizer([self.saes[i] for i in owned], self.lr, self.adam_betas, self.adam_eps,  # type: ignore[misc]
+                                   self.fused, names=[f"seed{self.seeds[i]}" for i in owned],
+                                   exp_avg_dtype=self.exp_avg_dtype)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -137,7 +194,7 @@ class SAELightningModule(pl.LightningModule):
 
     # ---- the step -----------------------------------------------------------------------------
     def _all_reduce(self) -> Any:
-        if self._trainer is None or self.trainer.world_size == 1:
+        if self._trainer is None or self.trainer.world_size == 1 or self.seed_parallel:
             return None
         return lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")
 
@@ -152,27 +209,40 @@ class SAELightningModule(pl.LightningModule):
         step = self.global_step
         reduce = self._all_reduce()
         log_now = self._is_log_step(step)
-        metrics: dict[str, Tensor | float] = {}
+        per_seed: dict[int, list[Tensor]] = {}
         total = x.new_zeros((), dtype=torch.float32)
-        for index, (seed, sae, tracker) in enumerate(zip(self.seeds, self.saes, self.trackers)):
+        for index in self.owned():
+            seed, sae, tracker = self.seeds[index], self.saes[index], self.trackers[index]
             terms, out = seed_step_loss(sae, tracker, x, labels, self.cfg, reduce)
             self.monitor.record(index, terms, step)
             if self.check_finite_every_step:
                 check_finite(terms, step, seed)
             total = total + terms.total
             if log_now:
-                metrics.update({f"seed{seed}/{name}": value.detach() for name, value in zip(TERM_NAMES, terms)})
-                metrics[f"seed{seed}/l0"] = l0_norm(out.latent_values.detach())
-                metrics[f"seed{seed}/dead_fraction"] = tracker.dead_fraction()
+                values = [t.detach().to(torch.float32) for t in terms]
+                per_seed[index] = [*values, l0_norm(out.latent_values.detach()), tracker.dead_fraction()]
         if log_now:
             self.monitor.raise_if_bad()
+            metrics: dict[str, Tensor | float] = self._seed_metrics(per_seed)
             metrics["lr"] = self.lr_schedulers().get_last_lr()[0]  # type: ignore[union-attr]
             self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=x.shape[0])
             self._log_densities(step)
         return total
 
+    def _seed_metrics(self, per_seed: dict[int, list[Tensor]]) -> dict[str, Tensor | float]:
+        """`seed<s>/<name>` scalars; seed-parallel ranks sum their rows so every seed gets logged."""
+        names = [*TERM_NAMES, "l0", "dead_fraction"]
+        if self.seed_parallel and self.trainer.world_size > 1:
+            table = torch.zeros(len(self.seeds), len(names), device=self.device)
+            for index, values in per_seed.items():
+                table[index] = torch.stack([v.to(table.device) for v in values])
+            table = self.trainer.strategy.reduce(table, reduce_op="sum")
+            per_seed = {index: list(table[index]) for index in range(len(self.seeds))}
+        return {f"seed{self.seeds[i]}/{name}": value for i, values in per_seed.items() for name, value in zip(names, values)}
+
     def _log_densities(self, step: int) -> None:
         """Firing-density summaries (CSV) and histograms (wandb, when used) since the last log step."""
+        self.sync_seed_states()
         for seed, tracker in zip(self.seeds, self.trackers):
             density = tracker.pop_density()
             self.log_dict({f"seed{seed}/{k}": v for k, v in density_summary(density).items()}, on_step=True, on_epoch=False)
@@ -186,9 +256,11 @@ class SAELightningModule(pl.LightningModule):
                     )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for sae in self.saes:
-            sae.remove_parallel_grad()
+        if not self.fused:  # FusedAdam does both decoder constraints in its own pass
+            for index in self.owned():
+                self.saes[index].remove_parallel_grad()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        for sae in self.saes:
-            sae.normalize_decoder()
+        if not self.fused:
+            for index in self.owned():
+                self.saes[index].normalize_decoder()

@@ -3,6 +3,7 @@
 One step for one seed: forward (with the dead-latent mask when AuxK is on) → loss terms → tracker
 update. `BareTrainer` adds backward, parallel-gradient removal, Adam and decoder renormalisation
 for several seeds without Lightning; `SAELightningModule` does the same inside `Trainer.fit`.
+With `fused=True` the last three happen inside `FusedAdam` (`sae/fused.py` explains the path).
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
+from sae import triton_kernels
 from sae.config import SAEConfig, default_lr
+from sae.fused_adam import FusedAdam
 from sae.losses import LossTerms, compute_loss_terms
 from sae.model import ForwardOutput, SparseAutoencoder
 from sae.tracking import LatentTracker
@@ -52,17 +55,16 @@ class BareTrainer:
         autocast_dtype: torch.dtype | None = None,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 6.25e-10,
+        fused: bool = False,
+        exp_avg_dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.cfg, self.seeds = cfg, list(seeds)
+        self.cfg, self.seeds, self.fused = cfg, list(seeds), fused
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.saes = [SparseAutoencoder(cfg, seed=s, device=self.device) for s in self.seeds]
         self.trackers = [LatentTracker(cfg.num_latents, cfg.dead_tokens_threshold).to(self.device) for _ in self.seeds]
-        params = [{"params": list(sae.parameters())} for sae in self.saes]
-        fused = True if self.device.type == "cuda" else None
-        self.optimizer = torch.optim.Adam(
-            params, lr=lr or default_lr(cfg.num_latents), betas=adam_betas, eps=adam_eps, fused=fused
-        )
+        self.optimizer = make_optimizer(self.saes, lr or default_lr(cfg.num_latents), adam_betas, adam_eps, fused,
+                                        exp_avg_dtype=exp_avg_dtype)
 
     def step(self, x: Tensor, labels: Tensor | None = None) -> list[LossTerms]:
         """One optimisation step of every seed on the same batch; returns each seed's loss terms."""
@@ -75,10 +77,36 @@ class BareTrainer:
             results = [seed_step_loss(sae, tr, x, labels, self.cfg)[0] for sae, tr in zip(self.saes, self.trackers)]
             total = torch.stack([terms.total for terms in results]).sum()
         total.backward()
-        for sae in self.saes:
-            sae.remove_parallel_grad()
+        if not self.fused:
+            for sae in self.saes:
+                sae.remove_parallel_grad()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        for sae in self.saes:
-            sae.normalize_decoder()
+        if not self.fused:
+            for sae in self.saes:
+                sae.normalize_decoder()
         return results
+
+
+def make_optimizer(
+    saes: list[SparseAutoencoder],
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    fused: bool,
+    names: list[str] | None = None,
+    exp_avg_dtype: torch.dtype = torch.float32,
+) -> torch.optim.Optimizer:
+    """The fused path's `FusedAdam` (switches the SAEs to it), or torch Adam (fused kernel on CUDA)."""
+    for sae in saes:
+        sae.use_fused_training(fused)
+    if fused:
+        return FusedAdam(saes, lr=lr, betas=betas, eps=eps, names=names, exp_avg_dtype=exp_avg_dtype)
+    groups = [{"params": list(sae.parameters()), **({"name": names[i]} if names else {})} for i, sae in enumerate(saes)]
+    cuda = all(p.device.type == "cuda" for sae in saes for p in sae.parameters())
+    return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, fused=True if cuda else None)
+
+
+def fused_supported(device: torch.device, world_size: int = 1, d_in: int = 0) -> bool:
+    """The fused path's default: on where its Triton kernels run and gradients need no all-reduce."""
+    return triton_kernels.available(device) and world_size == 1 and d_in <= triton_kernels.MAX_D

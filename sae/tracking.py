@@ -47,10 +47,10 @@ class LatentTracker(nn.Module):
         """
         fired = (latent_values != 0).to(torch.int64).reshape(-1)
         counts = torch.zeros_like(self.window_fires).index_add_(0, latent_indices.reshape(-1), fired)
-        n_tokens = torch.tensor(latent_values.shape[0], dtype=torch.int64, device=counts.device)
+        n_tokens: Tensor | int = latent_values.shape[0]  # a Python int: a host-to-device tensor would sync
         if all_reduce is not None:
             counts = all_reduce(counts)
-            n_tokens = all_reduce(n_tokens)
+            n_tokens = all_reduce(torch.tensor(n_tokens, dtype=torch.int64, device=counts.device))
         self.window_fires += counts
         self.window_tokens += n_tokens
         since = self.tokens_since_fired + n_tokens

@@ -148,3 +148,27 @@ def test_ddp_cli_subprocess(store: Path, tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert {r["steps"] for r in metrics["seeds"].values()} == {8}
     assert sorted(load_sae_run(tmp_path / "ddp")) == [0, 1]
+
+
+def test_seed_parallel_one_seed_per_rank_equals_one_device_and_resumes_exactly(store: Path, tmp_path: Path) -> None:
+    """`seed_parallel`: rank r trains seed r on the whole batch, so each seed ends exactly as in a
+    one-process run; a killed run resumes from a checkpoint holding both ranks' seeds and optimizers."""
+    kw = {**RUN_KW, "batch_size": 64, "ckpt_every": 5}
+    ranks = dict(accelerator="cpu", devices=2, strategy="seed_parallel_fork")
+    single = train_saes(store, LAYER, tmp_path / "single", [0, 1], CFG, max_steps=10, **kw)
+    parallel = train_saes(store, LAYER, tmp_path / "parallel", [0, 1], CFG, max_steps=10, **ranks, **kw)
+    killed = train_saes(store, LAYER, tmp_path / "resumed", [0, 1], CFG, max_steps=5, **ranks, **kw)
+    resumed = train_saes(store, LAYER, killed, [0, 1], CFG, max_steps=10, ckpt_path="last", **ranks, **kw)
+    a, b, c = load_sae_run(single), load_sae_run(parallel), load_sae_run(resumed)
+    for seed in (0, 1):
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            torch.testing.assert_close(getattr(b[seed], name), getattr(a[seed], name), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(getattr(c[seed], name), getattr(b[seed], name), rtol=1e-5, atol=1e-6)
+    metrics = json.loads((parallel / "metrics.json").read_text())
+    assert set(metrics["seeds"]) == {"0", "1"} and {r["steps"] for r in metrics["seeds"].values()} == {10}
+    header = (parallel / "seed_1" / "metrics.csv").read_text().splitlines()[0]
+    assert "fvu" in header  # rank 1's seed is logged too (its metrics are reduced to rank 0)
+    ckpt = torch.load(parallel / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert [g["name"] for g in ckpt["optimizer_states"][0]["param_groups"]] == ["seed0"]  # rank 0 trained seed 0 only
+    saved = ckpt["seed_parallel_optimizer"]  # every seed's Adam state, gathered from its owner
+    assert sorted(saved) == [0, 1] and all(saved[i]["W_dec"]["step"] == 10 for i in (0, 1))
