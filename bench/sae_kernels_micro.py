@@ -47,7 +47,7 @@ def fused_cases(W: torch.Tensor, xb: torch.Tensor, idx: torch.Tensor, w: torch.T
     term = sort.term(w, xb)
     ref_decode = torch.nn.functional.embedding_bag(idx, W16.float(), per_sample_weights=w, mode="sum")
     err = (tk.gather_decode(w, idx, W16) - ref_decode).norm() / ref_decode.norm()
-    dots = tk.row_dots(W16, sort.crow, sort.src, xb)
+    dots = tk.row_dots(W16, sort.crow, sort.src, term.coef, xb)
     ref_dots = (xb.float()[sort.src] * W16.float()[idx.reshape(-1)[sort.order]]).sum(-1)
     err_dots = (dots - ref_dots).norm() / ref_dots.norm()
     Wa, Wb_ = W[:4096].clone(), W[:4096].clone()
@@ -64,7 +64,7 @@ def fused_cases(W: torch.Tensor, xb: torch.Tensor, idx: torch.Tensor, w: torch.T
     m, v, m16 = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(W, dtype=torch.bfloat16)
     return {
         "fused decode (triton gather)": lambda: tk.gather_decode(w, idx, W16),
-        "fused row_dots (triton)": lambda: tk.row_dots(W16, sort.crow, sort.src, xb),
+        "fused row_dots (triton)": lambda: tk.row_dots(W16, sort.crow, sort.src, term.coef, xb),
         "fused row_grad_adam fp32 m (triton)": lambda: tk.row_grad_adam(
             W, W16, m, v, sort.crow, sort.src, term.coef, xb, **opts),
         "fused row_grad_adam bf16 m (triton)": lambda: tk.row_grad_adam(

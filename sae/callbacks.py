@@ -11,28 +11,15 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from activations.store_format import write_json_atomic
+from activations.atomic import write_json_atomic, write_text_atomic
 from sae.export import save_sae
 from sae.tracking import evaluate_sae, wilson_interval
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def merged_log_rows(logs_dir: Path) -> list[dict[str, str]]:
@@ -60,7 +47,7 @@ def write_seed_csv(rows: list[dict[str, str]], seed: int, path: Path) -> None:
     for row in rows:
         if any(prefix + n in row for n in names):
             writer.writerow([row["step"], *(row.get(prefix + n, "") for n in names)])
-    _write_text_atomic(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
 
 
 def format_table(per_seed: dict[str, dict[str, Any]]) -> str:

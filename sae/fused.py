@@ -184,7 +184,10 @@ class _FusedTopK(torch.autograd.Function):
 
 
 class _FusedDecode(torch.autograd.Function):
-    """`sum_j values[b, j] * W_dec[indices[b, j]]`; backward gives the values' grad and defers W_dec's."""
+    """`sum_j values[b, j] * W_dec[indices[b, j]]`; backward gives the values' grad and defers W_dec's.
+
+    The values are post-ReLU codes: on CUDA the gradient of a zero value is left 0 (its ReLU cuts it).
+    """
 
     @staticmethod
     def forward(ctx: Any, values: Tensor, indices: Tensor, w_dec: Tensor, store: DeferredGrads) -> Tensor:  # type: ignore[override]
@@ -203,8 +206,9 @@ class _FusedDecode(torch.autograd.Function):
         values, indices, w_dec = ctx.saved_tensors
         sort = ctx.store.latent_sort(indices, w_dec.shape[0])
         source = grad_out.to(w_dec.dtype).contiguous()  # the compute dtype: bf16 halves the gathered bytes
+        term = sort.term(values.to(torch.float32), source)
         if _use_triton(w_dec):
-            dots = triton_kernels.row_dots(w_dec, sort.crow, sort.src, source)
+            dots = triton_kernels.row_dots(w_dec, sort.crow, sort.src, term.coef, source)
             grad_values = torch.empty(values.numel(), device=values.device, dtype=torch.float32)
             grad_values[sort.order] = dots
             grad_values = grad_values.view_as(values)
@@ -212,7 +216,7 @@ class _FusedDecode(torch.autograd.Function):
             pattern, perm = rows_csr(indices, torch.ones_like(values, dtype=torch.float32), w_dec.shape[0])
             sampled = torch.sparse.sampled_addmm(pattern, source.to(torch.float32), w_dec.to(torch.float32).t(), beta=0.0)
             grad_values = torch.empty_like(values, dtype=torch.float32).scatter_(1, perm, sampled.values().view(perm.shape))
-        ctx.store.add("W_dec", sort.term(values.to(torch.float32), source))
+        ctx.store.add("W_dec", term)
         return grad_values.to(values.dtype), None, None, None
 
 

@@ -56,6 +56,26 @@ class LatentTracker(nn.Module):
         since = self.tokens_since_fired + n_tokens
         self.tokens_since_fired.copy_(torch.where(counts > 0, torch.zeros_like(since), since))
 
+    def any_dead(self) -> bool:
+        """Whether any latent is dead, without a host sync on CUDA.
+
+        On the CPU the answer is exact. On CUDA it is the answer computed at the previous call
+        (read back from an asynchronous copy that finished long ago), so AuxK may start a step late
+        and run one step longer than needed; while it runs its mask is always the current one.
+        """
+        dead = self.dead_mask().any()
+        if dead.device.type != "cuda":
+            return bool(dead)
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(dead, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        previous, self._pending_any_dead = getattr(self, "_pending_any_dead", None), (host, event)
+        if previous is None:
+            return True  # nothing read yet: assume dead latents (AuxK stays exact)
+        previous[1].synchronize()  # recorded a step ago: already complete
+        return bool(previous[0])
+
     def dead_mask(self) -> Tensor:
         """`(d_sae,)` bool: latents that have not fired for `dead_tokens_threshold` rows."""
         return self.tokens_since_fired >= self.dead_tokens_threshold

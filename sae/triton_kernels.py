@@ -58,13 +58,14 @@ if triton is not None:
         mask = offs < d
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for j in range(n):
-            row = tl.load(idx_ptr + b * n + j).to(tl.int64)
             coef = tl.load(val_ptr + b * n + j).to(tl.float32)
-            acc += coef * tl.load(w_ptr + row * d + offs, mask=mask, other=0.0).to(tl.float32)
+            if coef != 0:  # zero codes (ReLU'd, or AuxK slots of live latents) read nothing
+                row = tl.load(idx_ptr + b * n + j).to(tl.int64)
+                acc += coef * tl.load(w_ptr + row * d + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + b * d + offs, acc, mask=mask)
 
     @triton.jit
-    def _row_dots_kernel(w_ptr, crow_ptr, src_ptr, s_ptr, out_ptr, d, BLOCK_D: tl.constexpr):
+    def _row_dots_kernel(w_ptr, crow_ptr, src_ptr, coef_ptr, s_ptr, out_ptr, d, BLOCK_D: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         mask = offs < d
@@ -73,9 +74,12 @@ if triton is not None:
         if end > start:
             w = tl.load(w_ptr + r * d + offs, mask=mask, other=0.0).to(tl.float32)
             for e in range(start, end):
-                s = tl.load(src_ptr + e).to(tl.int64)
-                g = tl.load(s_ptr + s * d + offs, mask=mask, other=0.0).to(tl.float32)
-                tl.store(out_ptr + e, tl.sum(g * w, axis=0))
+                dot = 0.0
+                if tl.load(coef_ptr + e) != 0:  # a zero code's gradient is cut by its ReLU: skip the read
+                    s = tl.load(src_ptr + e).to(tl.int64)
+                    g = tl.load(s_ptr + s * d + offs, mask=mask, other=0.0).to(tl.float32)
+                    dot = tl.sum(g * w, axis=0)
+                tl.store(out_ptr + e, dot)
 
     @triton.jit
     def _row_grad_adam_kernel(
@@ -94,9 +98,10 @@ if triton is not None:
         v = tl.load(v_ptr + base, mask=mask, other=0.0)
         g = tl.zeros([BLOCK_D], dtype=tl.float32)
         for e in range(start, end):
-            s = tl.load(src_ptr + e).to(tl.int64)
             coef = tl.load(coef_ptr + e)
-            g += coef * tl.load(s_ptr + s * d + offs, mask=mask, other=0.0).to(tl.float32)
+            if coef != 0:
+                s = tl.load(src_ptr + e).to(tl.int64)
+                g += coef * tl.load(s_ptr + s * d + offs, mask=mask, other=0.0).to(tl.float32)
         if REMOVE_PARALLEL:
             g -= tl.sum(g * w, axis=0) * w
         m = m + (1.0 - beta1) * (g - m)
@@ -128,14 +133,15 @@ def gather_decode(values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-def row_dots(weight: Tensor, crow: Tensor, src: Tensor, source: Tensor) -> Tensor:
-    """`(nnz,)` float32: entry e of row r gets `<source[src[e]], weight[r]>` (crow: `(rows + 1,)`)."""
+def row_dots(weight: Tensor, crow: Tensor, src: Tensor, coef: Tensor, source: Tensor) -> Tensor:
+    """`(nnz,)` float32: entry e of row r gets `<source[src[e]], weight[r]>` (crow: `(rows + 1,)`),
+    or 0 where `coef[e]` (the entry's code value) is 0 — its gradient does not pass the ReLU."""
     d = weight.shape[1]
     _check_rows("weight", weight, d)
     _check_rows("source", source, d)
     out = torch.empty(src.shape[0], device=weight.device, dtype=torch.float32)
     block, warps = _block(d)
-    _row_dots_kernel[(weight.shape[0],)](weight, crow, src, source, out, d, BLOCK_D=block, num_warps=warps)
+    _row_dots_kernel[(weight.shape[0],)](weight, crow, src, coef, source, out, d, BLOCK_D=block, num_warps=warps)
     return out
 
 

@@ -99,6 +99,20 @@ def test_forward_copy_is_cached_and_remade_when_the_parameter_changes() -> None:
     assert store.compute_weight("W", param, torch.float32).data_ptr() == param.data_ptr()  # no copy needed
 
 
+def test_auxk_is_skipped_exactly_while_no_latent_is_dead() -> None:
+    from sae.tracking import LatentTracker
+
+    tracker = LatentTracker(8, dead_tokens_threshold=10)
+    assert not tracker.any_dead()  # nothing dead yet: the AuxK pass is skipped (its term is exactly 0)
+    tracker.update(torch.ones(6, 2), torch.tensor([[0, 1]] * 6))
+    tracker.update(torch.ones(6, 2), torch.tensor([[0, 1]] * 6))
+    assert tracker.any_dead()  # latents 2..7 have not fired for 12 rows
+    cfg = SAEConfig(d_in=8, d_sae=32, k=2, auxk_coeff=1 / 32, dead_tokens_threshold=10**9)
+    trainer = BareTrainer(cfg, [0], lr=1e-3, fused=True)
+    terms = trainer.step(torch.randn(16, 8))
+    assert float(terms[0].auxk) == 0.0 and not trainer.saes[0].deferred.terms
+
+
 def test_merged_terms_sum_their_gradients() -> None:
     g = torch.Generator().manual_seed(0)
     rows, d = 20, 5
@@ -158,12 +172,14 @@ def test_triton_kernels_match_the_torch_reference() -> None:
     source = torch.randn(batch, d, device=device, generator=g)
     indices = torch.stack([torch.randperm(rows, device=device, generator=g)[:n] for _ in range(batch)])
     values = torch.randn(batch, n, device=device, generator=g)
+    sort = LatentSort.of(indices, rows)
+    values[:, 0] = 0.0  # zero codes: skipped by the gathers, their dots left 0
+    term = sort.term(values, source)
     ref_decode = torch.nn.functional.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
     torch.testing.assert_close(triton_kernels.gather_decode(values, indices, W), ref_decode)
-    sort = LatentSort.of(indices, rows)
-    dots = triton_kernels.row_dots(W, sort.crow, sort.src, source)
-    torch.testing.assert_close(dots, (source[sort.src] * W[indices.reshape(-1)[sort.order]]).sum(-1))
-    term = sort.term(values, source)
+    dots = triton_kernels.row_dots(W, sort.crow, sort.src, term.coef, source)
+    expected = (source[sort.src] * W[indices.reshape(-1)[sort.order]]).sum(-1) * (term.coef != 0)
+    torch.testing.assert_close(dots, expected)
     options = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=4, remove_parallel=True, renorm=True)
     for m_dtype in (torch.float32, torch.bfloat16):
         w_k, w_r = W.clone(), W.clone()
