@@ -8,8 +8,9 @@ row-major latent directions make every sparse gather and weight gradient contigu
     z     = TopK / BatchTopK / ReLU / JumpReLU of pre
     x_hat = (z @ W_dec + b_dec) / s
 
-Training uses the sparse path (`kernels.topk_pre_acts` + `kernels.sparse_decode`); `encode`/`decode`
-give the dense `(batch, d_sae)` form for analysis. With normalize_input, latent values are in the
+Training uses the sparse path (`kernels.topk_pre_acts` + `kernels.sparse_decode`), or after
+`use_fused_training()` the fused one (`sae/fused.py`: matrix gradients deferred to `FusedAdam`);
+`encode`/`decode` give the dense `(batch, d_sae)` form for analysis. With normalize_input, latent values are in the
 scaled units until `fold_input_scale()` (done at export) turns them into raw-activation units.
 """
 from __future__ import annotations
