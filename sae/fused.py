@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from sae import triton_kernels
-from sae.kernels import row_offsets, rows_csr, rows_of_entries
+from sae.kernels import csr_decode, gathered_dots, row_offsets, rows_of_entries
 from sae.topk_filter import filtered_topk
 
 
@@ -194,8 +194,7 @@ class _FusedDecode(torch.autograd.Function):
         if _use_triton(w_dec):
             out = triton_kernels.gather_decode(values, indices, w_dec)
         else:
-            csr, _ = rows_csr(indices, values.to(torch.float32), w_dec.shape[0])
-            out = csr @ w_dec.to(torch.float32)
+            out = csr_decode(values, indices, w_dec)
         ctx.save_for_backward(values, indices, w_dec)
         ctx.store = store
         ctx.mark_non_differentiable(indices)
@@ -213,9 +212,7 @@ class _FusedDecode(torch.autograd.Function):
             grad_values[sort.order] = dots
             grad_values = grad_values.view_as(values)
         else:
-            pattern, perm = rows_csr(indices, torch.ones_like(values, dtype=torch.float32), w_dec.shape[0])
-            sampled = torch.sparse.sampled_addmm(pattern, source.to(torch.float32), w_dec.to(torch.float32).t(), beta=0.0)
-            grad_values = torch.empty_like(values, dtype=torch.float32).scatter_(1, perm, sampled.values().view(perm.shape))
+            grad_values = gathered_dots(indices, source, w_dec)
         ctx.store.add("W_dec", term)
         return grad_values.to(values.dtype), None, None, None
 
@@ -238,6 +235,19 @@ def fused_decode(values: Tensor, indices: Tensor, w_dec: Tensor, store: Deferred
     return _FusedDecode.apply(values, indices, w_dec, store)
 
 
+def adam_update_(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, beta1: float, beta2: float,
+    eps: float, step: int,
+) -> None:
+    """One Adam step in place, torch.optim.Adam's formula (`exp_avg` may be bfloat16; math in float32)."""
+    m = exp_avg.lerp_(grad, 1 - beta1) if exp_avg.dtype == torch.float32 else exp_avg.float().lerp_(grad, 1 - beta1)
+    if m is not exp_avg:
+        exp_avg.copy_(m)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    param.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+
+
 def reference_row_grad_adam(
     weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, term: RowGradTerm | None, *, lr: float, beta1: float,
     beta2: float, eps: float, step: int, remove_parallel: bool, renorm: bool,
@@ -246,10 +256,6 @@ def reference_row_grad_adam(
     grad = term_gradient(term, weight.shape[0]) if term is not None else torch.zeros_like(weight)
     if remove_parallel:
         grad -= (grad * weight).sum(dim=1, keepdim=True) * weight
-    m = exp_avg.to(torch.float32).lerp_(grad, 1 - beta1)
-    exp_avg.copy_(m)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
-    weight.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+    adam_update_(weight, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step)
     if renorm:
         weight.div_(weight.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps))

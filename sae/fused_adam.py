@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from sae import triton_kernels
-from sae.fused import DeferredGrads, merge_terms, reference_row_grad_adam
+from sae.fused import DeferredGrads, adam_update_, merge_terms, reference_row_grad_adam
 from sae.model import SparseAutoencoder
 
 MATRICES: tuple[str, ...] = ("W_enc_rows", "W_dec")
@@ -103,10 +103,6 @@ class FusedAdam(torch.optim.Optimizer):
     def _update_dense(self, group: dict[str, Any], p: Tensor) -> None:
         state = self._state_for(p, matrix=False)
         state["step"] += 1
-        step = int(state["step"])
         beta1, beta2 = group["betas"]
-        grad = p.grad.to(torch.float32)  # type: ignore[union-attr]
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
+        adam_update_(p, p.grad.to(torch.float32), state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],  # type: ignore[union-attr]
+                     beta1=beta1, beta2=beta2, eps=group["eps"], step=int(state["step"]))

@@ -165,6 +165,19 @@ def topk_pre_acts(
     return _TopKPreActs.apply(x, W_enc_rows, b_enc, int(k), aux_mask, int(k_aux), dtype)
 
 
+def csr_decode(values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
+    """`sum_j values[b, j] * weight[indices[b, j]]` as one CSR × dense matmul → `(batch, d)` float32."""
+    csr, _ = rows_csr(indices, values.to(torch.float32), weight.shape[0])
+    return csr @ weight.to(torch.float32)
+
+
+def gathered_dots(indices: Tensor, grad: Tensor, weight: Tensor) -> Tensor:
+    """`out[b, j] = <grad[b], weight[indices[b, j]]>` `(batch, n)` float32, by a sampled dense-dense matmul."""
+    pattern, perm = rows_csr(indices, torch.ones(indices.shape, device=indices.device), weight.shape[0])
+    sampled = torch.sparse.sampled_addmm(pattern, grad.to(torch.float32), weight.to(torch.float32).t(), beta=0.0)
+    return torch.empty(indices.shape, device=grad.device).scatter_(1, perm, sampled.values().view(perm.shape))
+
+
 class _SparseDecode(torch.autograd.Function):
     """See `sparse_decode`; float32 throughout (the decoder weights are used as stored, no cast)."""
 
@@ -172,24 +185,20 @@ class _SparseDecode(torch.autograd.Function):
     def forward(ctx: Any, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:  # type: ignore[override]
         with torch.autocast(device_type=values.device.type, enabled=False):
             v32 = values.to(torch.float32)
-            csr, perm = rows_csr(indices, v32, W_dec.shape[0])
-            out = csr @ W_dec.to(torch.float32)  # (batch, d_in)
-        ctx.save_for_backward(v32, indices, perm, W_dec)
+            out = csr_decode(v32, indices, W_dec)
+        ctx.save_for_backward(v32, indices, W_dec)
         ctx.values_dtype = values.dtype
         ctx.mark_non_differentiable(indices)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        v32, indices, perm, W_dec = ctx.saved_tensors
+        v32, indices, W_dec = ctx.saved_tensors
         grad_values = grad_w = None
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
             g32 = grad_out.to(torch.float32)
             if ctx.needs_input_grad[0]:
-                pattern, _ = rows_csr(indices, torch.ones_like(v32), W_dec.shape[0])
-                sampled = torch.sparse.sampled_addmm(pattern, g32, W_dec.to(torch.float32).t(), beta=0.0)
-                in_csr_order = sampled.values().view_as(v32)
-                grad_values = torch.empty_like(v32).scatter_(1, perm, in_csr_order).to(ctx.values_dtype)
+                grad_values = gathered_dots(indices, g32, W_dec).to(ctx.values_dtype)
             if ctx.needs_input_grad[2]:
                 grad_w = scatter_rows_matmul(indices, v32, g32, W_dec.shape[0]).to(W_dec.dtype)
         return grad_values, None, grad_w

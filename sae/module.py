@@ -173,7 +173,7 @@ class SAELightningModule(pl.LightningModule):
         if self.fused_request and grad_sync:
             raise ValueError("fused=True defers gradients that DDP cannot all-reduce; use fused=false with several devices "
                              "or the seed_parallel strategy")
-        supported = fused_supported(self.device, 2 if grad_sync else 1, self.cfg.d_in)
+        supported = fused_supported(self.device, self.cfg.d_in, gradients_all_reduced=grad_sync)
         self.fused = supported if self.fused_request is None else bool(self.fused_request)
         owned = self.owned()
         optimizer = make_optimizer([self.saes[i] for i in owned], self.lr, self.adam_betas, self.adam_eps,  # type: ignore[misc]

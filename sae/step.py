@@ -108,6 +108,7 @@ def make_optimizer(
     return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, fused=True if cuda else None)
 
 
-def fused_supported(device: torch.device, world_size: int = 1, d_in: int = 0) -> bool:
-    """The fused path's default: on where its Triton kernels run and gradients need no all-reduce."""
-    return triton_kernels.available(device) and world_size == 1 and d_in <= triton_kernels.MAX_D
+def fused_supported(device: torch.device, d_in: int, gradients_all_reduced: bool = False) -> bool:
+    """The fused path's default: on where its Triton kernels run and no gradient all-reduce (DDP) needs
+    materialised gradients."""
+    return triton_kernels.available(device) and not gradients_all_reduced and d_in <= triton_kernels.MAX_D

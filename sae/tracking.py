@@ -34,6 +34,7 @@ class LatentTracker(nn.Module):
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
         self.register_buffer("window_fires", torch.zeros(d_sae, dtype=torch.int64))
         self.register_buffer("window_tokens", torch.zeros((), dtype=torch.int64))
+        self._pending_any_dead: tuple[Tensor, torch.cuda.Event] | None = None  # see any_dead()
 
     @torch.no_grad()
     def update(
@@ -70,7 +71,7 @@ class LatentTracker(nn.Module):
         host.copy_(dead, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        previous, self._pending_any_dead = getattr(self, "_pending_any_dead", None), (host, event)
+        previous, self._pending_any_dead = self._pending_any_dead, (host, event)
         if previous is None:
             return True  # nothing read yet: assume dead latents (AuxK stays exact)
         previous[1].synchronize()  # recorded a step ago: already complete
