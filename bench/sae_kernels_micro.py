@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.sae_step import time_ms  # noqa: E402
+from bench.sae_step import kill_latents, time_ms  # noqa: E402
 from sae.kernels import scatter_rows_matmul, sparse_decode  # noqa: E402
 from sae.topk_filter import filtered_topk  # noqa: E402
 
@@ -83,13 +83,16 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--fused", action="store_true", help="profile the fused path")
+    parser.add_argument("--auxk-dead", action="store_true",
+                        help="profile with AuxK on and 3%% of the latents dead (bench.sae_step.kill_latents)")
+    parser.add_argument("--skip-micro", action="store_true", help="only the profile")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     dev = torch.device("cuda")
     d_in, d_sae, k = 4096, 65536, 64
     W = torch.randn(d_sae, d_in, device=dev) / 64
     Wb = W.bfloat16()
-    for batch in args.batches:
+    for batch in [] if args.skip_micro else args.batches:
         x = torch.randn(batch, d_in, device=dev)
         xb = x.bfloat16()
         idx = torch.randint(0, d_sae, (batch, k), device=dev)
@@ -136,17 +139,24 @@ def main() -> int:
         from sae.config import SAEConfig
         from sae.step import BareTrainer
 
-        trainer = BareTrainer(SAEConfig(d_in=d_in, d_sae=d_sae, k=k), [0], lr=1e-4, device=dev,
+        aux = {"auxk_coeff": 1 / 32} if args.auxk_dead else {}
+        trainer = BareTrainer(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, **aux), [0], lr=1e-4, device=dev,
                               autocast_dtype=torch.bfloat16, fused=args.fused)
+        if args.auxk_dead:
+            kill_latents(trainer)
         x = torch.randn(args.batches[-1], d_in, device=dev)
         for _ in range(3):
             trainer.step(x)
         torch.cuda.synchronize()
+        print(f"dead latents: {int(trainer.trackers[0].dead_mask().sum())} of {d_sae}")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 trainer.step(x)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        busy = sum(e.self_device_time_total for e in prof.key_averages()) / 3 / 1000
+        wall = time_ms(lambda: trainer.step(x), args.steps, 2, dev)
+        print(f"per step: GPU kernels {busy:.2f} ms, wall {wall:.2f} ms (GPU idle {wall - busy:.2f} ms)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=110))
     return 0
 
 

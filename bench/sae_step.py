@@ -3,13 +3,16 @@
     python bench/sae_step.py                 # GPU: d_in 4096, 65,536 latents, k 64, batches 4096 and 16384, bf16
     python bench/sae_step.py --cpu-smoke     # tiny sizes on the CPU (checks the script runs)
 
-A step = forward, backward, removal of the decoder-parallel gradient, Adam and decoder
-renormalisation, for both libraries. Ours runs in three variants: `standard` (autograd with sparse
-CSR gradients + torch's fused Adam), `fused` (deferred row gradients + FusedAdam's Triton pass,
-float32 moments) and `fused-bf16m` (the same with bfloat16 first moments). Printed per batch size:
-ms/step and activations/s of each, sparsify's ms/step / ours (the speed-up), a floor (encoder matmul
-alone + fp32 Adam's memory traffic at the measured copy bandwidth) and the full Lightning `fit`
-loop per step (fused path) vs the bare fused step (overhead %).
+A step = forward, backward, removal of the decoder-parallel gradient, the optimizer and decoder
+renormalisation, for both libraries. Sparsify runs with `--sparsify-optimizers` (see
+SPARSIFY_OPTIMIZERS: the Adam its trainer builds, torch's fused Adam, its default schedule-free
+Signum) and, with `--sparsify-auxk-dead`, with AuxK on dead latents. Ours runs in the VARIANTS below:
+`standard` (autograd with sparse CSR gradients + torch's fused Adam), `fused` (deferred row gradients
++ FusedAdam's Triton pass, float32 moments), `fused-bf16m` (bfloat16 first moments) and two AuxK
+variants. Printed per batch size: ms/step and activations/s of each, our speed-up over sparsify's
+`adam` (x sparsify) and `adam-fused` (x +fused), a floor (encoder matmul alone + fp32 Adam's memory
+traffic at the measured copy bandwidth) and the full Lightning `fit` loop per step (fused path) vs
+the bare fused step (overhead %).
 """
 from __future__ import annotations
 
@@ -65,20 +68,18 @@ def check_kernel(device: torch.device) -> None:
     g = torch.Generator(device).manual_seed(1)
     x, W, b, W_dec = (torch.randn(*shape, device=device, generator=g, requires_grad=True)
                       for shape in ((64, 128), (1024, 128), (1024,), (1024, 128)))
-    dead = torch.rand(1024, device=device, generator=g) > 0.5
     weights = torch.randn(64, 1024, device=device, generator=g)  # a weight per (row, latent): order-free loss
     upstream = torch.randn(64, 128, device=device, generator=g)
 
-    def loss(values: torch.Tensor, idx: torch.Tensor, aux: torch.Tensor, aux_idx: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
-        return (values * weights.gather(1, idx)).sum() + (aux.relu() * weights.gather(1, aux_idx)).sum() + (decoded * upstream).sum()
+    def loss(values: torch.Tensor, idx: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+        return (values * weights.gather(1, idx)).sum() + (decoded * upstream).sum()
 
-    values, idx, aux, aux_idx = topk_pre_acts(x, W, b, 16, aux_mask=dead, k_aux=8, compute_dtype=torch.float32)
-    ours = torch.autograd.grad(loss(values, idx, aux, aux_idx, sparse_decode(values.relu(), idx, W_dec)), (x, W, b, W_dec))
+    values, idx = topk_pre_acts(x, W, b, 16, compute_dtype=torch.float32)
+    ours = torch.autograd.grad(loss(values, idx, sparse_decode(values.relu(), idx, W_dec)), (x, W, b, W_dec))
     pre = x @ W.t() + b
     ref_values, ref_idx = pre.topk(16, sorted=False)
-    ref_aux, ref_aux_idx = pre.masked_fill(~dead, float("-inf")).topk(8, sorted=False)
     dense_codes = torch.zeros_like(pre).scatter(1, ref_idx, ref_values.relu())
-    ref = torch.autograd.grad(loss(ref_values, ref_idx, ref_aux, ref_aux_idx, dense_codes @ W_dec), (x, W, b, W_dec))
+    ref = torch.autograd.grad(loss(ref_values, ref_idx, dense_codes @ W_dec), (x, W, b, W_dec))
     worst = max(float((a - r).abs().max() / r.abs().max().clamp_min(1e-12)) for a, r in zip(ours, ref))
     torch.backends.cuda.matmul.allow_tf32 = tf32
     print(f"kernel check on {device.type}: max relative gradient error vs dense autograd {worst:.2e}", flush=True)
@@ -90,11 +91,25 @@ VARIANTS: dict[str, tuple[dict[str, object], dict[str, object]]] = {  # name: (B
     "standard": ({}, {}),
     "fused": ({"fused": True}, {}),
     "fused-bf16m": ({"fused": True, "exp_avg_dtype": torch.bfloat16}, {}),
-    # AuxK (coefficient 1/32, k_aux = d_in / 2) with no dead latent (skipped) and with ~2% dead
-    # (latents that did not fire in the last batch): not in sparsify's timing, for our own cost
+    # AuxK (coefficient 1/32, k_aux = d_in / 2 = 2048 as in sparsify) with no dead latent (skipped)
+    # and with DEAD_FRACTION of the latents dead (`kill_latents`): not in sparsify's timing
     "fused-auxk-none-dead": ({"fused": True}, {"auxk_coeff": 1 / 32}),
-    "fused-auxk-dead": ({"fused": True}, {"auxk_coeff": 1 / 32, "dead_tokens_threshold": 1}),
+    "fused-auxk-dead": ({"fused": True}, {"auxk_coeff": 1 / 32}),
 }
+DEAD_FRACTION = 0.03
+
+
+def kill_latents(trainer: BareTrainer, fraction: float = DEAD_FRACTION) -> int:
+    """Make every 1/fraction-th latent dead for good (encoder bias -100: it never fires; its tracker
+    count at the threshold), as dead latents are in a real run. Returns how many."""
+    step = round(1 / fraction)
+    with torch.no_grad():
+        for sae, tracker in zip(trainer.saes, trainer.trackers):
+            sae.b_enc[::step] = -100.0
+            tracker.tokens_since_fired[::step] = tracker.dead_tokens_threshold
+    return len(range(0, trainer.cfg.num_latents, step))
+
+
 DEFAULT_VARIANTS = ["standard", "fused", "fused-bf16m"]
 
 
@@ -127,6 +142,8 @@ def bench_ours(cfg: SAEConfig, x: torch.Tensor, args: argparse.Namespace, dtype:
     options, changes = variant
     cfg = dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
     trainer = BareTrainer(cfg, seeds=[0], lr=1e-4, device=x.device, autocast_dtype=dtype, **options)  # type: ignore[arg-type]
+    if variant is VARIANTS["fused-auxk-dead"]:
+        kill_latents(trainer)
     ms = time_ms(lambda: trainer.step(x), args.steps, args.warmup, x.device)
     if args.breakdown:
         sae = trainer.saes[0]
@@ -153,30 +170,64 @@ def bench_ours(cfg: SAEConfig, x: torch.Tensor, args: argparse.Namespace, dtype:
     return ms
 
 
-def bench_sparsify(cfg: SAEConfig, x: torch.Tensor, args: argparse.Namespace) -> float | None:
+SPARSIFY_OPTIMIZERS = ("adam", "adam-fused", "signum")
+"""`adam`: torch.optim.Adam with torch's defaults (foreach on CUDA), as sparsify's trainer builds it
+for `optimizer="adam"`; `adam-fused`: the same with torch's fused kernel (a stronger baseline than
+sparsify ships); `signum`: sparsify's default optimizer (schedule-free wrapper around SignSGD)."""
+
+
+def make_sparsify_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adam-fused":
+        return torch.optim.Adam(params, lr=lr, fused=params[0].device.type == "cuda" or None)
+    if name == "signum":
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify.sign_sgd import SignSGD
+
+        optimizer = ScheduleFreeWrapper(SignSGD(params, lr=lr), momentum=0.95)
+        optimizer.train()
+        return optimizer
+    raise ValueError(f"unknown sparsify optimizer {name!r}; known: {', '.join(SPARSIFY_OPTIMIZERS)}")
+
+
+def bench_sparsify(cfg: SAEConfig, x: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
+    """sparsify's ms/step with each of `args.sparsify_optimizers` (empty when sparsify is missing)."""
     try:
         from sparsify import SparseCoder, SparseCoderConfig
     except ImportError as exc:
         print(f"sparsify is not importable ({exc}); timing ours only", flush=True)
-        return None
+        return {}
     known = {f.name for f in dataclasses.fields(SparseCoderConfig)}
     options = {"num_latents": cfg.num_latents, "k": cfg.k, "expansion_factor": cfg.num_latents // cfg.d_in}
-    coder = SparseCoder(cfg.d_in, SparseCoderConfig(**{k: v for k, v in options.items() if k in known}), device=x.device)
-    fused = True if x.device.type == "cuda" else None
-    optimizer = torch.optim.Adam(coder.parameters(), lr=1e-4, eps=6.25e-10, fused=fused)
+    times = {}
+    runs = [(name, False) for name in args.sparsify_optimizers] + ([("adam-fused", True)] if args.sparsify_auxk_dead else [])
+    for name, auxk_dead in runs:
+        coder = SparseCoder(cfg.d_in, SparseCoderConfig(**{k: v for k, v in options.items() if k in known}), device=x.device)
+        try:
+            optimizer = make_sparsify_optimizer(name, list(coder.parameters()), lr=1e-4)
+        except ImportError as exc:
+            print(f"sparsify optimizer {name} unavailable ({exc})", flush=True)
+            continue
+        dead_mask = None
+        if auxk_dead:  # the same dead latents as kill_latents, with sparsify's AuxK (coefficient 1/32)
+            dead_mask = torch.zeros(cfg.num_latents, dtype=torch.bool, device=x.device)
+            dead_mask[::round(1 / DEAD_FRACTION)] = True
+            with torch.no_grad():
+                coder.encoder.bias[dead_mask] = -100.0
 
-    def step() -> None:  # sparsify's forward wraps itself in bf16 autocast on CUDA
-        out = coder(x)
-        out.fvu.backward()
-        coder.remove_gradient_parallel_to_decoder_directions()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        coder.set_decoder_norm_to_unit_norm()
+        def step() -> None:  # as sparsify's trainer: forward (its own bf16 autocast on CUDA), backward,
+            out = coder(x, dead_mask=dead_mask)  # parallel-gradient removal, optimizer, decoder renormalisation
+            (out.fvu + out.auxk_loss / 32 if dead_mask is not None else out.fvu).backward()
+            coder.remove_gradient_parallel_to_decoder_directions()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            coder.set_decoder_norm_to_unit_norm()
 
-    ms = time_ms(step, args.steps, args.warmup, x.device)
-    del coder, optimizer
-    free_memory(x.device)
-    return ms
+        times[name + ("-auxk-dead" if auxk_dead else "")] = time_ms(step, args.steps, args.warmup, x.device)
+        del coder, optimizer
+        free_memory(x.device)
+    return times
 
 
 def bench_floor(cfg: SAEConfig, x: torch.Tensor, args: argparse.Namespace, dtype: torch.dtype) -> tuple[float, float]:
@@ -255,6 +306,10 @@ def main() -> int:
     parser.add_argument("--breakdown", action="store_true", help="also time our forward and backward alone")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--no-sparsify", action="store_true", help="skip sparsify")
+    parser.add_argument("--sparsify-auxk-dead", action="store_true",
+                        help="also time sparsify (fused Adam) with AuxK and the same dead latents as fused-auxk-dead")
+    parser.add_argument("--sparsify-optimizers", nargs="+", default=list(SPARSIFY_OPTIMIZERS),
+                        help=f"of {', '.join(SPARSIFY_OPTIMIZERS)}")
     args = parser.parse_args()
     if args.cpu_smoke:
         args.d_in, args.latents, args.k, args.batches, args.steps, args.warmup = 64, 512, 8, [128, 256], 5, 2
@@ -271,26 +326,28 @@ def main() -> int:
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"d_in {cfg.d_in}, latents {cfg.num_latents}, k {cfg.k}, compute {dtype or torch.float32}", flush=True)
     names = [v for v in args.variants if v in VARIANTS]
-    header = f"{'batch':>6} {'variant':>12} {'ms/step':>8} {'act/s':>9} {'sparsify ms':>12} {'speed-up':>9} " \
+    header = f"{'batch':>6} {'variant':>32} {'ms/step':>8} {'act/s':>9} {'x sparsify':>11} {'x +fused':>9} " \
              f"{'floor ms':>9} {'(matmul+adam)':>14} {'fit ms':>8} {'overhead':>9}"
     rows = []
     for batch in args.batches:
         x = torch.randn(batch, cfg.d_in, device=device, generator=torch.Generator(device).manual_seed(0))
         times = {name: bench_ours(cfg, x, args, dtype, VARIANTS[name]) for name in names}
-        theirs = None if args.no_sparsify else bench_sparsify(cfg, x, args)
+        theirs = {} if args.no_sparsify else bench_sparsify(cfg, x, args)
         matmul_ms, adam_ms = bench_floor(cfg, x, args, dtype or torch.float32)
         del x
         free_memory(device)
         fit_ms = None if args.no_fit else bench_fit(cfg, batch, args, device, precision)
+        floor = f"{matmul_ms + adam_ms:>9.2f} {f'{matmul_ms:.1f}+{adam_ms:.1f}':>14}"
+        for name, ms in theirs.items():
+            rows.append(f"{batch:>6} {'sparsify ' + name:>32} {ms:>8.2f} {batch / ms * 1000:>9.3g} {'':>11} {'':>9} {floor}")
+            print(rows[-1], flush=True)
         for name, ms in times.items():
             fit_cols = f"{'-':>8} {'-':>9}"
             if fit_ms and name == ("fused" if device.type == "cuda" else "standard"):
                 fit_cols = f"{fit_ms:>8.2f} {100 * (fit_ms - ms) / ms:>8.1f}%"
-            rows.append(
-                f"{batch:>6} {name:>12} {ms:>8.2f} {batch / ms * 1000:>9.3g} "
-                + (f"{theirs:>12.2f} {theirs / ms:>8.2f}x " if theirs else f"{'-':>12} {'-':>9} ")
-                + f"{matmul_ms + adam_ms:>9.2f} {f'{matmul_ms:.1f}+{adam_ms:.1f}':>14} " + fit_cols
-            )
+            ratios = " ".join(f"{theirs[o] / ms:>{w - 1}.2f}x" if o in theirs else f"{'-':>{w}}"
+                              for o, w in (("adam", 11), ("adam-fused", 9)))
+            rows.append(f"{batch:>6} {name:>32} {ms:>8.2f} {batch / ms * 1000:>9.3g} {ratios} {floor} {fit_cols}")
             print(rows[-1], flush=True)
     print("\n" + header + "\n" + "\n".join(rows))
     return 0

@@ -9,8 +9,10 @@ builds each row's gradient inside its Adam update (with the decoder-parallel pro
 decoder renormalisation in the same pass). On CUDA with Triton the row work runs in
 `sae.triton_kernels`; elsewhere the torch reference below computes the same function (CPU tests).
 
-Other gradients (b_enc, b_dec, latent values) flow through autograd as usual, so every loss term
-(FVU, AuxK, L1, contrastive) works unchanged. The forward reads a low-precision copy of the weights
+AuxK (`sae/auxk.py`) reads the dead latents' rows through `deferred_rows`, whose backward records
+their dense gradient rows (`DenseRowsTerm`); the same Adam pass adds them. Other gradients (b_enc,
+b_dec, latent values) flow through autograd as usual, so every loss term (FVU, AuxK, L1,
+contrastive) works unchanged. The forward reads a low-precision copy of the weights
 (`DeferredGrads.compute_weight`), refreshed by the optimizer in the same pass that updates them.
 """
 from __future__ import annotations
@@ -44,6 +46,16 @@ class RowGradTerm:
 
 
 @dataclass
+class DenseRowsTerm:
+    """A dense gradient on a few rows of a `(rows, d)` weight: `grad[rows[i]] += values[i]`."""
+
+    rows: Tensor
+    """`(n,)` int64 distinct row ids."""
+    values: Tensor
+    """`(n, d)` float32 gradient rows."""
+
+
+@dataclass
 class LatentSort:
     """The `(batch, n)` selected latents regrouped by latent (CSR of the transposed code matrix)."""
 
@@ -68,7 +80,7 @@ class LatentSort:
 class DeferredGrads:
     """Per-SAE store of deferred matrix gradients and of the low-precision weight copies."""
 
-    terms: dict[str, list[RowGradTerm]] = field(default_factory=dict)
+    terms: dict[str, list[RowGradTerm | DenseRowsTerm]] = field(default_factory=dict)
     shadows: dict[str, tuple[Tensor, int, int]] = field(default_factory=dict)
     """name → (copy, param._version, param.data_ptr()) at the time the copy was made."""
     sorts: list[tuple[Tensor, LatentSort]] = field(default_factory=list)
@@ -83,10 +95,10 @@ class DeferredGrads:
         self.sorts.append((indices, sort))
         return sort
 
-    def add(self, name: str, term: RowGradTerm) -> None:
+    def add(self, name: str, term: RowGradTerm | DenseRowsTerm) -> None:
         self.terms.setdefault(name, []).append(term)
 
-    def pop(self, name: str) -> list[RowGradTerm]:
+    def pop(self, name: str) -> list[RowGradTerm | DenseRowsTerm]:
         return self.terms.pop(name, [])
 
     def clear(self) -> None:
@@ -130,6 +142,15 @@ def merge_terms(terms: list[RowGradTerm], rows: int) -> RowGradTerm:
     return RowGradTerm(row_offsets(sorted_rows, rows), torch.cat(srcs)[order], coef, torch.cat(sources))
 
 
+def merge_dense_terms(terms: list[DenseRowsTerm]) -> DenseRowsTerm:
+    """Several dense row terms → one over their distinct rows (rows that repeat are summed)."""
+    if len(terms) == 1:
+        return terms[0]
+    rows, inverse = torch.unique(torch.cat([t.rows for t in terms]), return_inverse=True)
+    values = torch.zeros(rows.shape[0], terms[0].values.shape[1], device=rows.device, dtype=torch.float32)
+    return DenseRowsTerm(rows, values.index_add_(0, inverse, torch.cat([t.values for t in terms])))
+
+
 def term_gradient(term: RowGradTerm, rows: int) -> Tensor:
     """Reference: the dense float32 `(rows, d)` gradient a term stands for."""
     row_of_entry = rows_of_entries(term.crow, term.coef.shape[0])
@@ -146,41 +167,54 @@ class _FusedTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x_scaled: Tensor, b_dec: Tensor, b_enc: Tensor, w_rows: Tensor, k: int,
-        aux_mask: Tensor | None, k_aux: int, subtract_b_dec: bool, store: DeferredGrads,
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        ctx: Any, x_scaled: Tensor, b_dec: Tensor, b_enc: Tensor, w_rows: Tensor, k: int, subtract_b_dec: bool,
+        store: DeferredGrads,
+    ) -> tuple[Tensor, Tensor]:
         dtype = w_rows.dtype
         x_in = (x_scaled - b_dec) if subtract_b_dec else x_scaled
         x_in = x_in.to(dtype)
         pre = torch.addmm(b_enc.to(dtype), x_in, w_rows.t())  # (batch, d_sae)
         values, indices = filtered_topk(pre, k)
-        aux_values = aux_indices = None
-        if aux_mask is not None and k_aux > 0:
-            pre.masked_fill_(~aux_mask, float("-inf"))
-            aux_values, aux_indices = pre.topk(k_aux, dim=-1, sorted=False)
         del pre
-        ctx.save_for_backward(x_in, w_rows, indices, *([aux_indices] if aux_indices is not None else []))
+        ctx.save_for_backward(x_in, w_rows, indices)
         ctx.store, ctx.subtract_b_dec = store, subtract_b_dec
         ctx.b_dtypes = (b_dec.dtype, b_enc.dtype)
-        ctx.mark_non_differentiable(*[t for t in (indices, aux_indices) if t is not None])
-        return values, indices, aux_values, aux_indices
+        ctx.mark_non_differentiable(indices)
+        return values, indices
 
     @staticmethod
-    def backward(ctx: Any, g_values: Tensor | None, _gi: Any, g_aux: Tensor | None, _gai: Any) -> tuple[Any, ...]:  # type: ignore[override]
-        x_in, w_rows, *index_sets = ctx.saved_tensors
+    def backward(ctx: Any, g_values: Tensor, _g_indices: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        x_in, w_rows, indices = ctx.saved_tensors
         d_sae = w_rows.shape[0]
+        g32 = g_values.to(torch.float32)
         grad_b_enc = torch.zeros(d_sae, device=x_in.device, dtype=torch.float32)
-        for idx, g in zip(index_sets, (g_values, g_aux)):
-            if g is None:
-                continue
-            g32 = g.to(torch.float32)
-            grad_b_enc.index_add_(0, idx.reshape(-1), g32.reshape(-1))
-            ctx.store.add("W_enc_rows", ctx.store.latent_sort(idx, d_sae).term(g32, x_in))
+        grad_b_enc.index_add_(0, indices.reshape(-1), g32.reshape(-1))
+        ctx.store.add("W_enc_rows", ctx.store.latent_sort(indices, d_sae).term(g32, x_in))
         grad_b_dec = None
         if ctx.subtract_b_dec and ctx.needs_input_grad[1]:  # d(x - b_dec)/d b_dec: minus the summed input grads
-            grad_b_dec = -(grad_b_enc.to(w_rows.dtype) @ w_rows).to(torch.float32)
-            grad_b_dec = grad_b_dec.to(ctx.b_dtypes[0])
-        return None, grad_b_dec, grad_b_enc.to(ctx.b_dtypes[1]), None, None, None, None, None, None
+            grad_b_dec = -(grad_b_enc.to(w_rows.dtype) @ w_rows).to(ctx.b_dtypes[0])
+        return None, grad_b_dec, grad_b_enc.to(ctx.b_dtypes[1]), None, None, None, None
+
+
+class _DeferredRows(torch.autograd.Function):
+    """`param[rows]` whose gradient goes to the deferred store as a `DenseRowsTerm` (param gets none)."""
+
+    @staticmethod
+    def forward(ctx: Any, param: Tensor, rows: Tensor, name: str, store: DeferredGrads) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(rows)
+        ctx.name, ctx.store = name, store
+        return param.detach()[rows]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        ctx.store.add(ctx.name, DenseRowsTerm(rows, grad.to(torch.float32)))
+        return None, None, None, None
+
+
+def deferred_rows(param: Tensor, rows: Tensor, name: str, store: DeferredGrads) -> Tensor:
+    """`(n, d)` rows `rows` (distinct ids) of a deferred matrix; their gradient is stored under `name`."""
+    return _DeferredRows.apply(param, rows, name, store)
 
 
 class _FusedDecode(torch.autograd.Function):
@@ -219,15 +253,15 @@ class _FusedDecode(torch.autograd.Function):
 
 def fused_topk(
     x_scaled: Tensor, b_dec: Tensor, b_enc: Tensor, w_rows: Tensor, k: int, store: DeferredGrads,
-    aux_mask: Tensor | None = None, k_aux: int = 0, subtract_b_dec: bool = True,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    subtract_b_dec: bool = True,
+) -> tuple[Tensor, Tensor]:
     """Top-k pre-activations of `x_scaled (batch, d_in)` (the scaled input, no gradient).
 
     `w_rows (d_sae, d_in)` is the encoder in compute dtype (from `store.compute_weight`); its
     gradient goes to `store` under "W_enc_rows". Returns values `(batch, k)` (raw pre-activations,
-    apply ReLU yourself), indices, and the AuxK pair (or None) as `sae.kernels.topk_pre_acts`.
+    apply ReLU yourself) and indices `(batch, k)` int64, as `sae.kernels.topk_pre_acts`.
     """
-    return _FusedTopK.apply(x_scaled, b_dec, b_enc, w_rows, int(k), aux_mask, int(k_aux), subtract_b_dec, store)
+    return _FusedTopK.apply(x_scaled, b_dec, b_enc, w_rows, int(k), subtract_b_dec, store)
 
 
 def fused_decode(values: Tensor, indices: Tensor, w_dec: Tensor, store: DeferredGrads) -> Tensor:
@@ -250,10 +284,13 @@ def adam_update_(
 
 def reference_row_grad_adam(
     weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, term: RowGradTerm | None, *, lr: float, beta1: float,
-    beta2: float, eps: float, step: int, remove_parallel: bool, renorm: bool,
+    beta2: float, eps: float, step: int, remove_parallel: bool, renorm: bool, dense: DenseRowsTerm | None = None,
 ) -> None:
-    """Torch version of `triton_kernels.row_grad_adam` (the same update; `term` None = zero gradient)."""
+    """Torch version of `triton_kernels.row_grad_adam` (the same update; `term` None = zero gradient,
+    `dense`: rows added to the gradient)."""
     grad = term_gradient(term, weight.shape[0]) if term is not None else torch.zeros_like(weight)
+    if dense is not None:
+        grad.index_add_(0, dense.rows, dense.values)
     if remove_parallel:
         grad -= (grad * weight).sum(dim=1, keepdim=True) * weight
     adam_update_(weight, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step)

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from sae import triton_kernels
-from sae.fused import DeferredGrads, adam_update_, merge_terms, reference_row_grad_adam
+from sae.fused import (DeferredGrads, DenseRowsTerm, RowGradTerm, adam_update_, merge_dense_terms, merge_terms,
+                       reference_row_grad_adam)
 from sae.model import SparseAutoencoder
 
 MATRICES: tuple[str, ...] = ("W_enc_rows", "W_dec")
@@ -90,15 +91,24 @@ class FusedAdam(torch.optim.Optimizer):
         state = self._state_for(p, matrix=True)
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        term = merge_terms(terms, p.shape[0])
+        row_terms = [t for t in terms if isinstance(t, RowGradTerm)]
+        dense_terms = [t for t in terms if isinstance(t, DenseRowsTerm)]
+        term = merge_terms(row_terms, p.shape[0]) if row_terms else None
+        dense = merge_dense_terms(dense_terms) if dense_terms else None
         options = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=int(state["step"]),
                        remove_parallel=name == "W_dec", renorm=name == "W_dec")
-        if triton_kernels.available(p.device):
-            shadow = store.shadow_for_update(name, p)  # refreshed in the same pass (no version bump)
-            triton_kernels.row_grad_adam(p, shadow, state["exp_avg"], state["exp_avg_sq"], term.crow, term.src,
-                                         term.coef, term.source.contiguous(), **options)  # type: ignore[arg-type]
-        else:
-            reference_row_grad_adam(p, state["exp_avg"], state["exp_avg_sq"], term, **options)  # type: ignore[arg-type]
+        if term is None or not triton_kernels.available(p.device):  # (no sparse term: only a custom loss does that)
+            reference_row_grad_adam(p, state["exp_avg"], state["exp_avg_sq"], term, dense=dense, **options)  # type: ignore[arg-type]
+            return
+        dense_pos = None
+        if dense is not None:
+            dense_pos = torch.full((p.shape[0],), -1, device=p.device, dtype=torch.int64)
+            dense_pos[dense.rows] = torch.arange(dense.rows.shape[0], device=p.device)
+        shadow = store.shadow_for_update(name, p)  # refreshed in the same pass (no version bump)
+        triton_kernels.row_grad_adam(p, shadow, state["exp_avg"], state["exp_avg_sq"], term.crow, term.src, term.coef,
+                                     term.source.contiguous(), dense_pos=dense_pos,
+                                     dense=dense.values.contiguous() if dense is not None else None,
+                                     **options)  # type: ignore[arg-type]
 
     def _update_dense(self, group: dict[str, Any], p: Tensor) -> None:
         state = self._state_for(p, matrix=False)

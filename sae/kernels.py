@@ -11,9 +11,8 @@ A batch of top-k codes is a sparse `(batch, d_sae)` matrix S with k entries per 
                      with G the sparse gradient at the selected (row, latent) pairs only.
 
 `topk_pre_acts` computes the encoder pre-activations once (one dense matmul in the compute dtype,
-e.g. bfloat16) and keeps the top-k (plus the top-k_aux among dead latents for AuxK). Sparse products
-run in float32 (the compute dtype for grad_x on CUDA); parameter gradients come back in the
-parameters' dtype. Checked against plain autograd in tests/test_sae_model.py.
+e.g. bfloat16) and keeps the top-k. Sparse products run in float32 (the compute dtype for grad_x
+on CUDA); parameter gradients come back in the parameters' dtype. Checked against plain autograd in tests/test_sae_model.py.
 """
 from __future__ import annotations
 
@@ -90,79 +89,54 @@ class _TopKPreActs(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        W_enc_rows: Tensor,
-        b_enc: Tensor,
-        k: int,
-        aux_mask: Tensor | None,
-        k_aux: int,
-        compute_dtype: torch.dtype,
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        ctx: Any, x: Tensor, W_enc_rows: Tensor, b_enc: Tensor, k: int, compute_dtype: torch.dtype,
+    ) -> tuple[Tensor, Tensor]:
         with torch.autocast(device_type=x.device.type, enabled=False):
             xc = x.to(compute_dtype)
             w_rows = W_enc_rows.to(compute_dtype)  # (d_sae, d_in); no copy when already in compute dtype
             pre = torch.addmm(b_enc.to(compute_dtype), xc, w_rows.t())  # (batch, d_sae)
             values, indices = pre.topk(k, dim=-1, sorted=False)
-            aux_values = aux_indices = None
-            if aux_mask is not None and k_aux > 0:
-                pre.masked_fill_(~aux_mask, float("-inf"))  # only dead latents compete
-                aux_values, aux_indices = pre.topk(k_aux, dim=-1, sorted=False)
         del pre
-        ctx.save_for_backward(xc, w_rows, indices, *([aux_indices] if aux_indices is not None else []))
+        ctx.save_for_backward(xc, w_rows, indices)
         ctx.x_dtype, ctx.w_dtype, ctx.b_dtype = x.dtype, W_enc_rows.dtype, b_enc.dtype
-        ctx.mark_non_differentiable(*[t for t in (indices, aux_indices) if t is not None])
-        return values, indices, aux_values, aux_indices
+        ctx.mark_non_differentiable(indices)
+        return values, indices
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, g_values: Tensor | None, _g_idx: Any, g_aux: Tensor | None, _g_aux_idx: Any
-    ) -> tuple[Tensor | None, ...]:
-        xc, w_rows, *index_sets = ctx.saved_tensors
+    def backward(ctx: Any, g_values: Tensor, _g_idx: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        xc, w_rows, idx = ctx.saved_tensors
         d_sae = w_rows.shape[0]
-        grads = [g_values, g_aux][: len(index_sets)]
-        pairs = [(idx, g.to(torch.float32)) for idx, g in zip(index_sets, grads) if g is not None]
+        g = g_values.to(torch.float32)
         grad_x = grad_W = grad_b = None
         with torch.autocast(device_type=xc.device.type, enabled=False):
-            if ctx.needs_input_grad[0] and pairs:
+            if ctx.needs_input_grad[0]:
                 dtype = _sparse_dtype(xc.device, xc.dtype)
-                w = w_rows.to(dtype)
-                grad_x = sum(rows_csr(idx, g.to(dtype), d_sae)[0] @ w for idx, g in pairs).to(ctx.x_dtype)
-            if ctx.needs_input_grad[1] and pairs:
-                grad_W = sum(scatter_rows_matmul(idx, g, xc, d_sae) for idx, g in pairs).to(ctx.w_dtype)
-            if ctx.needs_input_grad[2] and pairs:
+                grad_x = (rows_csr(idx, g.to(dtype), d_sae)[0] @ w_rows.to(dtype)).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_W = scatter_rows_matmul(idx, g, xc, d_sae).to(ctx.w_dtype)
+            if ctx.needs_input_grad[2]:
                 grad_b = torch.zeros(d_sae, device=xc.device, dtype=torch.float32)
-                for idx, g in pairs:
-                    grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1))
-                grad_b = grad_b.to(ctx.b_dtype)
-        return grad_x, grad_W, grad_b, None, None, None, None
+                grad_b = grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1)).to(ctx.b_dtype)
+        return grad_x, grad_W, grad_b, None, None
 
 
 def topk_pre_acts(
-    x: Tensor,
-    W_enc_rows: Tensor,
-    b_enc: Tensor,
-    k: int,
-    aux_mask: Tensor | None = None,
-    k_aux: int = 0,
-    compute_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    x: Tensor, W_enc_rows: Tensor, b_enc: Tensor, k: int, compute_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
     """Top-k encoder pre-activations with a sparse backward.
 
     Args:
         x: `(batch, d_in)` encoder input (already centred by b_dec and scaled).
         W_enc_rows: `(d_sae, d_in)` encoder directions by latent (= W_encᵀ); b_enc: `(d_sae,)`.
         k: latents kept per row.
-        aux_mask: optional `(d_sae,)` bool, True for dead latents; with `k_aux > 0` the top-k_aux
-            pre-activations among them are returned too (-inf where fewer than k_aux are dead).
         compute_dtype: matmul dtype (default: autocast dtype if autocast is on, else the weights').
 
     Returns:
-        `values (batch, k)`, `indices (batch, k)` int64 and `aux_values`, `aux_indices`
-        `(batch, k_aux)` or None. Values are raw pre-activations (apply ReLU yourself) in compute dtype.
+        `values (batch, k)` (raw pre-activations: apply ReLU yourself, in compute dtype) and
+        `indices (batch, k)` int64. (AuxK's dead-latent selection is `sae.auxk`.)
     """
     dtype = compute_dtype or compute_dtype_for(x, W_enc_rows.dtype)
-    return _TopKPreActs.apply(x, W_enc_rows, b_enc, int(k), aux_mask, int(k_aux), dtype)
+    return _TopKPreActs.apply(x, W_enc_rows, b_enc, int(k), dtype)
 
 
 def csr_decode(values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sae.auxk import dead_latent_reconstruction
 from sae.config import SAEConfig
 from sae.fused import DeferredGrads, fused_decode, fused_topk
 from sae.initialization import geometric_median, input_scale_for
@@ -160,33 +161,25 @@ class SparseAutoencoder(nn.Module):
             codes = codes * (pre > self.threshold.to(pre.dtype))
         return codes
 
-    def _select(self, x: Tensor, dead_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Sparse codes `(values, indices)` plus AuxK candidates for the trainable architectures."""
+    def _select(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Sparse codes `(values, indices)` (post-ReLU values) of the trainable architectures."""
         arch = self.cfg.architecture
         if self._dense_path:
-            values, indices = self._sparse_from_dense(self._dense_codes(x))
-            return values, indices, None, None
-        use_aux = dead_mask is not None and self.cfg.auxk_coeff > 0
+            return self._sparse_from_dense(self._dense_codes(x))
         per_row = self.cfg.k if arch == "topk" else min(self.d_sae, self.cfg.k * self.cfg.batchtopk_row_cap)
-        aux_mask, k_aux = (dead_mask, self.cfg.auxk_k) if use_aux else (None, 0)
         if self._fused_now:
             assert self.deferred is not None
             self._check_input(x)
             w_rows = self.deferred.compute_weight("W_enc_rows", self.W_enc_rows, compute_dtype_for(x, self.dtype))
             x_scaled = x.to(self.dtype) * self.input_scale.to(self.dtype)
-            pre_values, indices, aux_pre, aux_indices = fused_topk(
-                x_scaled, self.b_dec, self.b_enc, w_rows, per_row, self.deferred, aux_mask, k_aux,  # type: ignore[arg-type]
-                self.cfg.apply_b_dec_to_input,
-            )
+            pre_values, indices = fused_topk(x_scaled, self.b_dec, self.b_enc, w_rows, per_row, self.deferred,
+                                             self.cfg.apply_b_dec_to_input)
         else:
-            pre_values, indices, aux_pre, aux_indices = topk_pre_acts(
-                self._encoder_input(x), self.W_enc_rows, self.b_enc, per_row, aux_mask=aux_mask, k_aux=k_aux  # type: ignore[arg-type]
-            )
+            pre_values, indices = topk_pre_acts(self._encoder_input(x), self.W_enc_rows, self.b_enc, per_row)
         values = F.relu(pre_values)
         if arch == "batchtopk":
             values = self._batch_topk_mask(values)
-        aux_values = F.relu(aux_pre) if aux_pre is not None else None
-        return values, indices, aux_values, aux_indices
+        return values, indices
 
     def _batch_topk_mask(self, values: Tensor) -> Tensor:
         """Keep the `k * batch` largest activations of the whole batch; update the inference threshold."""
@@ -205,7 +198,7 @@ class SparseAutoencoder(nn.Module):
 
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Sparse codes: `values (batch, n)`, `indices (batch, n)` (n = k for TopK)."""
-        values, indices, _, _ = self._select(x)
+        values, indices = self._select(x)
         return values, indices
 
     def encode(self, x: Tensor) -> Tensor:
@@ -235,28 +228,28 @@ class SparseAutoencoder(nn.Module):
         out = torch.addmm(self.b_dec.to(dtype), z.to(dtype), self.W_dec.to(dtype))
         return out / self.input_scale.to(dtype)
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, dead_ids: Tensor | None = None) -> ForwardOutput:
         """Encode, decode and score a batch `x (batch, d_in)`.
 
         Args:
-            dead_mask: `(d_sae,)` bool of dead latents; with auxk_coeff > 0 the AuxK
-                reconstruction of the residual is computed from them.
+            dead_mask: `(d_sae,)` bool of dead latents, or dead_ids: their `(n_dead,)` int64 ids
+                (`LatentTracker.dead_ids()`, found without a host sync; from a mask the ids are read
+                with one). With auxk_coeff > 0 the AuxK reconstruction of the residual uses them.
         """
+        use_aux = self.cfg.auxk_coeff > 0 and not self._dense_path
+        if use_aux and dead_ids is None and dead_mask is not None:
+            dead_ids = dead_mask.nonzero().squeeze(1)
         if self._dense_path:
             codes = self._dense_codes(x)
             x_hat = self.decode(codes)
             values, indices = self._sparse_from_dense(codes)
-            aux_values = aux_indices = None
         else:
-            values, indices, aux_values, aux_indices = self._select(x, dead_mask)
+            values, indices = self._select(x)
             x_hat = self.decode_sparse(values, indices)
         target = x.to(torch.float32)
         fvu = F.mse_loss(x_hat.to(torch.float32), target, reduction="sum") / total_variance(target)
-        aux_x_hat = aux_scale = None
-        if aux_values is not None and aux_indices is not None and dead_mask is not None:
-            decoded = self._decode_rows(aux_values, aux_indices)
-            aux_x_hat = decoded / self.input_scale.to(decoded.dtype)
-            aux_scale = (dead_mask.sum().to(torch.float32) / aux_values.shape[1]).clamp(max=1.0)
+        aux = dead_latent_reconstruction(self, x, dead_ids) if use_aux and dead_ids is not None else None
+        aux_x_hat, aux_scale = aux if aux is not None else (None, None)
         return ForwardOutput(x_hat, values, indices, fvu, aux_x_hat, aux_scale, self.d_sae)
 
     # ---- decoder constraint -------------------------------------------------------------------

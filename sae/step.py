@@ -30,9 +30,9 @@ def seed_step_loss(
     all_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[LossTerms, ForwardOutput]:
     """Loss terms of one SAE on a batch `x (batch, d_in)`; updates its latent tracker."""
-    # AuxK only while some latent is dead: with none dead its term and gradient are exactly 0
-    dead = tracker.dead_mask() if cfg.auxk_coeff > 0 and tracker.any_dead() else None
-    out = sae(x, dead_mask=dead)
+    # AuxK only while some latent is dead: with none its term and gradient are exactly 0
+    dead = tracker.dead_ids() if cfg.auxk_coeff > 0 else None
+    out = sae(x, dead_ids=dead) if dead is not None and dead.numel() > 0 else sae(x)
     terms = compute_loss_terms(x, out, cfg, labels)
     tracker.update(out.latent_values.detach(), out.latent_indices, all_reduce)
     return terms, out

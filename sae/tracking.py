@@ -34,7 +34,7 @@ class LatentTracker(nn.Module):
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
         self.register_buffer("window_fires", torch.zeros(d_sae, dtype=torch.int64))
         self.register_buffer("window_tokens", torch.zeros((), dtype=torch.int64))
-        self._pending_any_dead: tuple[Tensor, torch.cuda.Event] | None = None  # see any_dead()
+        self._dead_count: tuple[Tensor, torch.cuda.Event | None, int] | None = None  # see dead_ids()
 
     @torch.no_grad()
     def update(
@@ -56,26 +56,39 @@ class LatentTracker(nn.Module):
         self.window_tokens += n_tokens
         since = self.tokens_since_fired + n_tokens
         self.tokens_since_fired.copy_(torch.where(counts > 0, torch.zeros_like(since), since))
+        self._start_dead_count()
 
-    def any_dead(self) -> bool:
-        """Whether any latent is dead, without a host sync on CUDA.
+    def _start_dead_count(self) -> None:
+        """Count the dead latents and start copying the count to the host (asynchronous on CUDA)."""
+        count = self.dead_mask().sum()
+        event = None
+        if count.device.type == "cuda":
+            host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            host.copy_(count, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = count
+        self._dead_count = (host, event, self.tokens_since_fired._version)
 
-        On the CPU the answer is exact. On CUDA it is the answer computed at the previous call
-        (read back from an asynchronous copy that finished long ago), so AuxK may start a step late
-        and run one step longer than needed; while it runs its mask is always the current one.
+    @torch.no_grad()
+    def dead_ids(self) -> Tensor:
+        """`(n_dead,)` int64 ids of the dead latents, without a host sync on CUDA.
+
+        `update()` counts the dead latents and starts copying the count to the host; it is read at
+        the next step (so the copy has long finished, while the GPU still has that step's backward
+        and optimizer queued) and sizes the ids. After a checkpoint load, or before any update, the
+        count is read once with a sync.
         """
-        dead = self.dead_mask().any()
-        if dead.device.type != "cuda":
-            return bool(dead)
-        host = torch.empty((), dtype=torch.bool, pin_memory=True)
-        host.copy_(dead, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        previous, self._pending_any_dead = self._pending_any_dead, (host, event)
-        if previous is None:
-            return True  # nothing read yet: assume dead latents (AuxK stays exact)
-        previous[1].synchronize()  # recorded a step ago: already complete
-        return bool(previous[0])
+        known = self._dead_count
+        if known is None or known[2] != self.tokens_since_fired._version:  # loaded, or never updated
+            self._start_dead_count()
+            known = self._dead_count
+        assert known is not None
+        host, event, _ = known
+        if event is not None:
+            event.synchronize()
+        return torch.nonzero_static(self.dead_mask(), size=int(host)).squeeze(1)
 
     def dead_mask(self) -> Tensor:
         """`(d_sae,)` bool: latents that have not fired for `dead_tokens_threshold` rows."""

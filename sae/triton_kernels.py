@@ -9,7 +9,7 @@ registers, so d <= MAX_D):
   few source rows that use it (those stay in L2).
 - `row_grad_adam`: the fused optimizer update of one weight row. The row's gradient
   `g = sum_e coef[e] * source[src[e]]` is built in registers from the sparse entries (never written
-  to memory), then optionally the component parallel to the row is removed, Adam is applied to the
+  to memory), plus a dense gradient row where one is given (AuxK's dead latents), then optionally the component parallel to the row is removed, Adam is applied to the
   float32 master row with its moments, the row is optionally renormalised to unit norm, and the
   master row, the moments and a low-precision copy for the next forward are written back.
 
@@ -83,9 +83,10 @@ if triton is not None:
 
     @triton.jit
     def _row_grad_adam_kernel(
-        w_ptr, shadow_ptr, m_ptr, v_ptr, crow_ptr, src_ptr, coef_ptr, s_ptr,
+        w_ptr, shadow_ptr, m_ptr, v_ptr, crow_ptr, src_ptr, coef_ptr, s_ptr, dense_pos_ptr, dense_ptr,
         d, step_size, beta1, beta2, eps, bias_correction2_sqrt, norm_eps,
-        REMOVE_PARALLEL: tl.constexpr, RENORM: tl.constexpr, WRITE_SHADOW: tl.constexpr, BLOCK_D: tl.constexpr,
+        REMOVE_PARALLEL: tl.constexpr, RENORM: tl.constexpr, WRITE_SHADOW: tl.constexpr, HAS_DENSE: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         r = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # a column block (the whole row if RENORM)
@@ -102,6 +103,10 @@ if triton is not None:
             if coef != 0:
                 s = tl.load(src_ptr + e).to(tl.int64)
                 g += coef * tl.load(s_ptr + s * d + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DENSE:  # a dense gradient row for this row (AuxK's dead latents), if any
+            pos = tl.load(dense_pos_ptr + r)
+            if pos >= 0:
+                g += tl.load(dense_ptr + pos * d + offs, mask=mask, other=0.0)
         if REMOVE_PARALLEL:
             g -= tl.sum(g * w, axis=0) * w
         m = m + (1.0 - beta1) * (g - m)
@@ -164,6 +169,8 @@ def row_grad_adam(
     renorm: bool,
     num_warps: int | None = None,
     column_block: int = 512,
+    dense_pos: Tensor | None = None,
+    dense: Tensor | None = None,
 ) -> None:
     """In-place fused Adam update of every row of `weight (rows, d)` float32 (see module docstring).
 
@@ -173,6 +180,8 @@ def row_grad_adam(
             gradient's sparse entries sorted by row; source `(batch, d)`.
         step: the Adam step count after this update (1 on the first update).
         column_block: without the decoder constraint, each program updates this many columns of a row.
+        dense_pos, dense: optional extra gradient rows: `dense (n, d)` float32 and `dense_pos (rows,)`
+            int64, the row of `dense` added to each weight row (-1 for none).
     """
     rows, d = weight.shape
     for name, t in (("weight", weight), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("source", source)):
@@ -181,12 +190,19 @@ def row_grad_adam(
         raise ValueError("row_grad_adam needs float32 weight, exp_avg_sq and coef")
     if shadow is not None:
         _check_rows("shadow", shadow, d)
+    if (dense is None) != (dense_pos is None):
+        raise ValueError("row_grad_adam needs dense and dense_pos together")
+    if dense is not None and dense_pos is not None:
+        _check_rows("dense", dense, d)
+        if dense.dtype != torch.float32 or dense_pos.shape != (rows,) or dense_pos.dtype != torch.int64:
+            raise ValueError(f"row_grad_adam needs float32 dense rows and a ({rows},) int64 dense_pos")
     block, warps = _block(d)
     if not (remove_parallel or renorm):  # no row reductions: column blocks give more programs in flight
         block, warps = min(block, column_block), 4
     _row_grad_adam_kernel[(rows, triton.cdiv(d, block))](
         weight, shadow if shadow is not None else weight, exp_avg, exp_avg_sq, crow, src, coef, source,
-        d, lr / (1 - beta1**step), beta1, beta2, eps, math.sqrt(1 - beta2**step), torch.finfo(torch.float32).eps,
-        REMOVE_PARALLEL=remove_parallel, RENORM=renorm, WRITE_SHADOW=shadow is not None, BLOCK_D=block,
+        dense_pos if dense_pos is not None else crow, dense if dense is not None else weight, d, lr / (1 - beta1**step), beta1, beta2, eps, math.sqrt(1 - beta2**step), torch.finfo(torch.float32).eps,
+        REMOVE_PARALLEL=remove_parallel, RENORM=renorm, WRITE_SHADOW=shadow is not None,
+        HAS_DENSE=dense is not None, BLOCK_D=block,
         num_warps=num_warps or warps,
     )

@@ -15,7 +15,7 @@ import torch
 from sae import triton_kernels
 from sae.config import SAEConfig
 from sae.export import load_sae_run
-from sae.fused import DeferredGrads, LatentSort, merge_terms, reference_row_grad_adam, term_gradient
+from sae.fused import DeferredGrads, DenseRowsTerm, LatentSort, merge_terms, reference_row_grad_adam, term_gradient
 from sae.fused_adam import FusedAdam
 from sae.module import SAELightningModule
 from sae.step import BareTrainer
@@ -99,18 +99,26 @@ def test_forward_copy_is_cached_and_remade_when_the_parameter_changes() -> None:
     assert store.compute_weight("W", param, torch.float32).data_ptr() == param.data_ptr()  # no copy needed
 
 
-def test_auxk_is_skipped_exactly_while_no_latent_is_dead() -> None:
+def test_dead_ids_follow_the_dead_mask_and_auxk_is_skipped_when_none_is_dead() -> None:
     from sae.tracking import LatentTracker
 
-    tracker = LatentTracker(8, dead_tokens_threshold=10)
-    assert not tracker.any_dead()  # nothing dead yet: the AuxK pass is skipped (its term is exactly 0)
-    tracker.update(torch.ones(6, 2), torch.tensor([[0, 1]] * 6))
-    tracker.update(torch.ones(6, 2), torch.tensor([[0, 1]] * 6))
-    assert tracker.any_dead()  # latents 2..7 have not fired for 12 rows
+    tracker = LatentTracker(32, dead_tokens_threshold=10)
+    assert tracker.dead_ids().numel() == 0  # nothing dead yet: the AuxK pass is skipped
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for step in range(12):
+        live = int(torch.randint(1, 33, (1,), generator=g))  # only latents < live can fire this batch
+        tracker.update(torch.ones(4, 2), torch.randint(0, live, (4, 2), generator=g))
+        assert torch.equal(tracker.dead_ids(), tracker.dead_mask().nonzero().squeeze(1))
+        seen.add(tracker.dead_ids().numel())
+    assert len(seen) > 2  # the dead set grew and shrank
+    fresh = LatentTracker(32, dead_tokens_threshold=10)
+    fresh.load_state_dict(tracker.state_dict())  # after a load the count is read back once
+    assert torch.equal(fresh.dead_ids(), tracker.dead_ids())
     cfg = SAEConfig(d_in=8, d_sae=32, k=2, auxk_coeff=1 / 32, dead_tokens_threshold=10**9)
     trainer = BareTrainer(cfg, [0], lr=1e-3, fused=True)
     terms = trainer.step(torch.randn(16, 8))
-    assert float(terms[0].auxk) == 0.0 and not trainer.saes[0].deferred.terms
+    assert float(terms[0].auxk) == 0.0
 
 
 def test_merged_terms_sum_their_gradients() -> None:
@@ -187,8 +195,12 @@ def test_triton_kernels_match_the_torch_reference() -> None:
         v_k = torch.rand(rows, d, device=device, generator=g) * 1e-5
         m_r, v_r = m_k.clone(), v_k.clone()
         shadow = torch.empty(rows, d, device=device, dtype=torch.bfloat16)
-        triton_kernels.row_grad_adam(w_k, shadow, m_k, v_k, term.crow, term.src, term.coef, source, **options)
-        reference_row_grad_adam(w_r, m_r, v_r, term, **options)
+        dense = DenseRowsTerm(torch.tensor([3, 50, 7], device=device), torch.randn(3, d, device=device, generator=g))
+        dense_pos = torch.full((rows,), -1, device=device, dtype=torch.int64)
+        dense_pos[dense.rows] = torch.arange(3, device=device)
+        triton_kernels.row_grad_adam(w_k, shadow, m_k, v_k, term.crow, term.src, term.coef, source,
+                                     dense_pos=dense_pos, dense=dense.values, **options)
+        reference_row_grad_adam(w_r, m_r, v_r, term, dense=dense, **options)
         torch.testing.assert_close(w_k, w_r, rtol=1e-4, atol=1e-6)  # fp32, different summation order
         torch.testing.assert_close(m_k.float(), m_r.float(), rtol=1e-2 if m_dtype == torch.bfloat16 else 1e-4, atol=1e-7)
         torch.testing.assert_close(v_k, v_r, rtol=1e-4, atol=1e-9)

@@ -20,28 +20,58 @@ from tests.sae_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
 
 def test_sparse_backward_matches_dense_autograd() -> None:
     torch.manual_seed(0)
-    batch, d_in, d_sae, k, k_aux = 7, 6, 24, 3, 5
+    batch, d_in, d_sae, k = 7, 6, 24, 3
     x = torch.randn(batch, d_in, requires_grad=True)
     W = torch.randn(d_sae, d_in, requires_grad=True)  # encoder rows
     b = torch.randn(d_sae, requires_grad=True)
-    dead = torch.rand(d_sae) > 0.5
-    w_main, w_aux = torch.randn(batch, k), torch.randn(batch, k_aux)
+    w_main = torch.randn(batch, k)
 
-    values, idx, aux_values, aux_idx = topk_pre_acts(x, W, b, k, aux_mask=dead, k_aux=k_aux)
-    ((values * w_main).sum() + (torch.relu(aux_values) * w_aux).sum()).backward()
+    values, idx = topk_pre_acts(x, W, b, k)
+    (values * w_main).sum().backward()
     ours = [t.grad.clone() for t in (x, W, b)]
     for t in (x, W, b):
         t.grad = None
 
     ref_values, ref_idx = dense_topk_reference(x, W, b, k)
-    pre = x @ W.t() + b
-    ref_aux, ref_aux_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, sorted=False)
-    ((ref_values * w_main).sum() + (torch.relu(ref_aux) * w_aux).sum()).backward()
-    assert torch.equal(idx, ref_idx) and torch.equal(aux_idx, ref_aux_idx)
+    (ref_values * w_main).sum().backward()
+    assert torch.equal(idx, ref_idx)
     assert torch.allclose(values, ref_values)
     for mine, ref in zip(ours, (x.grad, W.grad, b.grad)):
         assert torch.allclose(mine, ref, atol=1e-5)
-    assert (ours[1].abs().sum(1) > 0).sum() <= (k + k_aux) * batch  # only selected latents get gradient
+    assert (ours[1].abs().sum(1) > 0).sum() <= k * batch  # only selected latents get gradient
+
+
+@pytest.mark.parametrize("n_dead, as_ids", [(5, False), (40, False), (40, True)])
+def test_auxk_over_dead_latents_matches_the_masked_dense_formula(n_dead: int, as_ids: bool) -> None:
+    """Fewer dead latents than k_aux = 12 (all kept) and more; given as a mask or as shuffled ids."""
+    cfg = SAEConfig(d_in=6, d_sae=64, k=3, auxk_coeff=1 / 32, auxk_k=12, normalize_input=True)
+    sae = SparseAutoencoder(cfg, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        sae.b_enc.normal_(generator=g)
+        sae.b_dec.normal_(generator=g)
+        sae.input_scale.fill_(0.8)
+    x = torch.randn(9, 6, generator=g)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64, generator=g)[:n_dead]] = True
+    upstream = torch.randn(9, 6, generator=g)
+
+    ids = dead.nonzero().squeeze(1)[torch.randperm(n_dead, generator=g)]
+    out = sae(x, dead_ids=ids) if as_ids else sae(x, dead_mask=dead)
+    (out.aux_x_hat * upstream).sum().backward()
+    ours = [p.grad.clone() for p in (sae.W_enc_rows, sae.b_enc, sae.W_dec, sae.b_dec)]
+    sae.zero_grad()
+
+    pre = (x * 0.8 - sae.b_dec) @ sae.W_enc_rows.t() + sae.b_enc  # every latent, then only dead ones compete
+    aux, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(cfg.auxk_k, dim=-1)
+    codes = torch.zeros_like(pre).scatter(1, aux_idx, torch.relu(aux))  # -inf slots (too few dead) give 0
+    reference = codes @ sae.W_dec / 0.8
+    (reference * upstream).sum().backward()
+    torch.testing.assert_close(out.aux_x_hat, reference)
+    assert float(out.aux_scale) == pytest.approx(min(n_dead / cfg.auxk_k, 1.0))
+    for mine, ref in zip(ours, (sae.W_enc_rows.grad, sae.b_enc.grad, sae.W_dec.grad, sae.b_dec.grad)):
+        torch.testing.assert_close(mine, ref)
+    assert sae(x, dead_mask=torch.zeros(64, dtype=torch.bool)).aux_x_hat is None  # none dead: no AuxK
 
 
 def test_sparse_decode_matches_dense_product_and_gradients() -> None:

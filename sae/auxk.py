@@ -1,0 +1,81 @@
+"""AuxK (Gao et al. 2024) computed over the dead latents only.
+
+The auxiliary reconstruction uses the top-k_aux pre-activations among the *dead* latents. Rather
+than masking the full `(batch, d_sae)` pre-activation matrix and running a top-k_aux (k_aux is
+d_in / 2 by default: 2048 for d_in 4096) over all latents, followed by a gather decode of k_aux rows
+per batch row, this module gathers the dead latents' encoder and decoder rows and works densely on
+them:
+
+    pre_dead = (s x - b_dec) @ W_enc_rows[dead]ᵀ + b_enc[dead]      (batch, n_dead)
+    codes    = ReLU(top-k_aux of pre_dead per row)                  (zeros elsewhere; no top-k when
+                                                                    every dead latent is kept)
+    aux_x_hat = codes @ W_dec[dead] / s                             (batch, d_in)
+
+which selects the same latents and costs a few small matmuls while few latents are dead. The dead
+ids come from `LatentTracker.dead_ids()` without a host sync.
+Gradients reach the encoder (W_enc rows, b_enc, and b_dec through the input) and the decoder rows
+of the dead latents; on the fused path the two matrix gradients go to the SAE's `DeferredGrads` as
+dense row blocks (`fused.deferred_rows`).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae.fused import deferred_rows
+from sae.kernels import compute_dtype_for
+
+if TYPE_CHECKING:
+    from sae.model import SparseAutoencoder
+
+
+ALIGN = 64
+"""The dead set is padded to a multiple of this many latents (inert zero rows): aligned matmuls."""
+
+
+def _rows(sae: "SparseAutoencoder", name: str, ids: Tensor, padded: int) -> Tensor:
+    """`(padded, d_in)`: rows `ids` of a weight matrix, then zero rows; differentiable (deferred on
+    the fused path)."""
+    param = getattr(sae, name)
+    if sae._fused_now:
+        assert sae.deferred is not None
+        rows = deferred_rows(param, ids, name, sae.deferred)
+    else:
+        rows = param[ids]
+    return F.pad(rows, (0, 0, 0, padded - ids.shape[0]))
+
+
+def dead_latent_reconstruction(sae: "SparseAutoencoder", x: Tensor, dead: Tensor) -> tuple[Tensor, Tensor] | None:
+    """`(aux_x_hat (batch, d_in), aux_scale)` from the top-k_aux dead latents, or None when none is dead.
+
+    Args:
+        x: `(batch, d_in)` raw input; dead: `(n_dead,)` int64 distinct ids of the dead latents.
+
+    Returns:
+        aux_x_hat in raw-activation units (no bias) and aux_scale = min(n_dead / k_aux, 1) (a float32
+        CPU scalar: no host-to-device copy), which down-weights the loss while few latents are dead.
+    """
+    n_dead = dead.shape[0]
+    if n_dead == 0:
+        return None
+    padded = -(-n_dead // ALIGN) * ALIGN
+    dtype = compute_dtype_for(x, sae.dtype)
+    x_scaled = x.to(sae.dtype) * sae.input_scale.to(sae.dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        w_enc = _rows(sae, "W_enc_rows", dead, padded).to(dtype)  # (padded, d_in)
+        bias = F.pad(sae.b_enc[dead], (0, padded - n_dead), value=float("-inf"))  # padding: never selected, code 0
+        if sae.cfg.apply_b_dec_to_input:  # (x - b_dec) @ wᵀ = x @ wᵀ - w @ b_dec: b_dec's gradient is a GEMV
+            bias = bias - (w_enc @ sae.b_dec.to(dtype)).to(bias.dtype)
+        pre = torch.addmm(bias.to(dtype), x_scaled.to(dtype), w_enc.t())  # (batch, padded)
+        k_aux = min(sae.cfg.auxk_k, n_dead)
+        if k_aux < n_dead:
+            values, positions = pre.topk(k_aux, dim=-1, sorted=False)
+            codes = torch.zeros_like(pre).scatter(1, positions, F.relu(values))
+        else:  # every dead latent is among the top-k_aux
+            codes = F.relu(pre)
+        decoded = (codes @ _rows(sae, "W_dec", dead, padded).to(dtype)).to(torch.float32)
+    aux_scale = torch.tensor(min(n_dead / sae.cfg.auxk_k, 1.0), dtype=torch.float32)
+    return decoded / sae.input_scale.to(torch.float32), aux_scale
