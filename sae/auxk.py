@@ -63,7 +63,7 @@ def dead_latent_reconstruction(sae: "SparseAutoencoder", x: Tensor, dead: Tensor
         return None
     padded = -(-n_dead // ALIGN) * ALIGN
     dtype = compute_dtype_for(x, sae.dtype)
-    x_scaled = x.to(sae.dtype) * sae.input_scale.to(sae.dtype)
+    x_scaled = sae.scale_input(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
         w_enc = _rows(sae, "W_enc_rows", dead, padded).to(dtype)  # (padded, d_in)
         bias = F.pad(sae.b_enc[dead], (0, padded - n_dead), value=float("-inf"))  # padding: never selected, code 0
@@ -78,4 +78,4 @@ def dead_latent_reconstruction(sae: "SparseAutoencoder", x: Tensor, dead: Tensor
             codes = F.relu(pre)
         decoded = (codes @ _rows(sae, "W_dec", dead, padded).to(dtype)).to(torch.float32)
     aux_scale = torch.tensor(min(n_dead / sae.cfg.auxk_k, 1.0), dtype=torch.float32)
-    return decoded / sae.input_scale.to(torch.float32), aux_scale
+    return sae.unscale_output(decoded), aux_scale

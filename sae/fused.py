@@ -218,19 +218,22 @@ def deferred_rows(param: Tensor, rows: Tensor, name: str, store: DeferredGrads) 
 
 
 class _FusedDecode(torch.autograd.Function):
-    """`sum_j values[b, j] * W_dec[indices[b, j]]`; backward gives the values' grad and defers W_dec's.
+    """`b_dec + sum_j values[b, j] * W_dec[indices[b, j]]`; backward gives the values' and b_dec's
+    grads and defers W_dec's.
 
     The values are post-ReLU codes: on CUDA the gradient of a zero value is left 0 (its ReLU cuts it).
     """
 
     @staticmethod
-    def forward(ctx: Any, values: Tensor, indices: Tensor, w_dec: Tensor, store: DeferredGrads) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, values: Tensor, indices: Tensor, w_dec: Tensor, b_dec: Tensor, store: DeferredGrads
+    ) -> Tensor:
         if _use_triton(w_dec):
-            out = triton_kernels.gather_decode(values, indices, w_dec)
+            out = triton_kernels.gather_decode(values, indices, w_dec, b_dec.detach().contiguous())
         else:
-            out = csr_decode(values, indices, w_dec)
+            out = csr_decode(values, indices, w_dec) + b_dec.detach().to(torch.float32)
         ctx.save_for_backward(values, indices, w_dec)
-        ctx.store = store
+        ctx.store, ctx.b_dtype = store, b_dec.dtype
         ctx.mark_non_differentiable(indices)
         return out
 
@@ -248,7 +251,8 @@ class _FusedDecode(torch.autograd.Function):
         else:
             grad_values = gathered_dots(indices, source, w_dec)
         ctx.store.add("W_dec", term)
-        return grad_values.to(values.dtype), None, None, None
+        grad_b_dec = grad_out.sum(dim=0).to(ctx.b_dtype) if ctx.needs_input_grad[3] else None
+        return grad_values.to(values.dtype), None, None, grad_b_dec, None
 
 
 def fused_topk(
@@ -264,9 +268,9 @@ def fused_topk(
     return _FusedTopK.apply(x_scaled, b_dec, b_enc, w_rows, int(k), subtract_b_dec, store)
 
 
-def fused_decode(values: Tensor, indices: Tensor, w_dec: Tensor, store: DeferredGrads) -> Tensor:
-    """`(batch, n)` codes → `(batch, d_in)` float32 decode; the W_dec gradient goes to `store`."""
-    return _FusedDecode.apply(values, indices, w_dec, store)
+def fused_decode(values: Tensor, indices: Tensor, w_dec: Tensor, b_dec: Tensor, store: DeferredGrads) -> Tensor:
+    """`(batch, n)` codes → `(batch, d_in)` float32 decode plus `b_dec`; the W_dec gradient goes to `store`."""
+    return _FusedDecode.apply(values, indices, w_dec, b_dec, store)
 
 
 def adam_update_(

@@ -129,10 +129,20 @@ class SparseAutoencoder(nn.Module):
         if x.ndim != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"SAE input must have shape (batch, {self.d_in}), got {tuple(x.shape)}")
 
+    def scale_input(self, x: Tensor) -> Tensor:
+        """`x` in the parameters' dtype times the input scale (the scale is only ever set, and
+        applied, with cfg.normalize_input: otherwise no elementwise pass)."""
+        x = x.to(self.dtype)
+        return x * self.input_scale.to(self.dtype) if self.cfg.normalize_input else x
+
+    def unscale_output(self, y: Tensor) -> Tensor:
+        """A reconstruction in scaled units → raw units (the inverse of `scale_input`)."""
+        return y / self.input_scale.to(y.dtype) if self.cfg.normalize_input else y
+
     def _encoder_input(self, x: Tensor) -> Tensor:
         """`(batch, d_in)` → scaled and (optionally) b_dec-centred encoder input."""
         self._check_input(x)
-        x = x.to(self.dtype) * self.input_scale.to(self.dtype)
+        x = self.scale_input(x)
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     def pre_acts(self, x: Tensor) -> Tensor:
@@ -171,7 +181,7 @@ class SparseAutoencoder(nn.Module):
             assert self.deferred is not None
             self._check_input(x)
             w_rows = self.deferred.compute_weight("W_enc_rows", self.W_enc_rows, compute_dtype_for(x, self.dtype))
-            x_scaled = x.to(self.dtype) * self.input_scale.to(self.dtype)
+            x_scaled = self.scale_input(x)
             pre_values, indices = fused_topk(x_scaled, self.b_dec, self.b_enc, w_rows, per_row, self.deferred,
                                              self.cfg.apply_b_dec_to_input)
         else:
@@ -209,24 +219,19 @@ class SparseAutoencoder(nn.Module):
         return values.new_zeros(values.shape[0], self.d_sae).scatter_add(1, indices, values)
 
     # ---- decoding -----------------------------------------------------------------------------
-    def _decode_rows(self, values: Tensor, indices: Tensor) -> Tensor:
-        """`sum_j values[b, j] * W_dec[indices[b, j]]` → `(batch, d_in)` float32 (no bias, no scale)."""
-        if self._fused_now:
+    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+        """`(batch, n)` values / indices → `(batch, d_in)` reconstruction in raw units (float32)."""
+        if self._fused_now:  # the bias is added inside the fused gather
             assert self.deferred is not None
             w_dec = self.deferred.compute_weight("W_dec", self.W_dec, compute_dtype_for(values, self.dtype))
-            return fused_decode(values, indices, w_dec, self.deferred)
-        return sparse_decode(values, indices, self.W_dec)
-
-    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
-        """`(batch, n)` values / indices → `(batch, d_in)` reconstruction in raw units."""
-        decoded = self._decode_rows(values, indices)
-        return (decoded + self.b_dec.to(decoded.dtype)) / self.input_scale.to(decoded.dtype)
+            return self.unscale_output(fused_decode(values, indices, w_dec, self.b_dec, self.deferred))
+        decoded = sparse_decode(values, indices, self.W_dec)
+        return self.unscale_output(decoded + self.b_dec.to(decoded.dtype))
 
     def decode(self, z: Tensor) -> Tensor:
         """Dense codes `(batch, d_sae)` → `(batch, d_in)` reconstruction in raw units."""
         dtype = compute_dtype_for(z, self.dtype)
-        out = torch.addmm(self.b_dec.to(dtype), z.to(dtype), self.W_dec.to(dtype))
-        return out / self.input_scale.to(dtype)
+        return self.unscale_output(torch.addmm(self.b_dec.to(dtype), z.to(dtype), self.W_dec.to(dtype)))
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, dead_ids: Tensor | None = None) -> ForwardOutput:
         """Encode, decode and score a batch `x (batch, d_in)`.

@@ -3,7 +3,7 @@
 Three row-parallel kernels over a `(rows, d)` weight matrix, one program per row (the whole row in
 registers, so d <= MAX_D):
 
-- `gather_decode`: `out[b] = sum_j values[b, j] * W[indices[b, j]]` (the sparse decode, batch-major).
+- `gather_decode`: `out[b] = bias + sum_j values[b, j] * W[indices[b, j]]` (the sparse decode, batch-major).
 - `row_dots`: for the entries of a latent-sorted sparse matrix, `out[e] = <source[src[e]], W[row(e)]>`
   (the gradient of the decoded latent values): each weight row is read once and dotted with the
   few source rows that use it (those stay in L2).
@@ -52,11 +52,15 @@ def _block(d: int) -> tuple[int, int]:
 if triton is not None:
 
     @triton.jit
-    def _gather_decode_kernel(idx_ptr, val_ptr, w_ptr, out_ptr, d, n: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _gather_decode_kernel(idx_ptr, val_ptr, w_ptr, bias_ptr, out_ptr, d, n: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = offs < d
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_BIAS:
+            acc = tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for j in range(n):
             coef = tl.load(val_ptr + b * n + j).to(tl.float32)
             if coef != 0:  # zero codes (ReLU'd, or AuxK slots of live latents) read nothing
@@ -126,15 +130,19 @@ def _check_rows(name: str, t: Tensor, d: int) -> None:
         raise ValueError(f"{name} must be a contiguous (rows, {d}) matrix, got shape {tuple(t.shape)}")
 
 
-def gather_decode(values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
-    """`(batch, n)` values / indices, `(rows, d)` weight → `(batch, d)` float32 sum of weighted rows."""
+def gather_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`(batch, n)` values / indices, `(rows, d)` weight → `(batch, d)` float32 sum of weighted rows
+    (plus `bias (d,)` when given)."""
     batch, n = indices.shape
     d = weight.shape[1]
     _check_rows("weight", weight, d)
+    if bias is not None and (bias.shape != (d,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous ({d},) vector, got shape {tuple(bias.shape)}")
     out = torch.empty(batch, d, device=weight.device, dtype=torch.float32)
     block = min(1024, triton.next_power_of_2(d))
     grid = (batch, triton.cdiv(d, block))
-    _gather_decode_kernel[grid](indices.contiguous(), values.contiguous(), weight, out, d, n=n, BLOCK_D=block, num_warps=4)
+    _gather_decode_kernel[grid](indices.contiguous(), values.contiguous(), weight, bias if bias is not None else weight,
+                                out, d, n=n, HAS_BIAS=bias is not None, BLOCK_D=block, num_warps=4)
     return out
 
 

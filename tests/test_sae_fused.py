@@ -32,7 +32,7 @@ def _params(trainer: BareTrainer) -> list[torch.Tensor]:
 @pytest.mark.parametrize(
     "cfg",
     [
-        SAEConfig(d_in=24, d_sae=192, k=6, auxk_coeff=1 / 32, auxk_k=12, dead_tokens_threshold=48),
+        SAEConfig(d_in=24, d_sae=192, k=6, auxk_coeff=1 / 32, auxk_k=12, dead_tokens_threshold=48, normalize_input=True),
         SAEConfig(d_in=24, d_sae=192, k=4, architecture="batchtopk", l1_coeff=1e-3, contrastive_coeff=0.1,
                   normalize_input=True),
     ],
@@ -43,7 +43,7 @@ def test_fused_path_takes_the_same_steps_as_the_standard_path(cfg: SAEConfig) ->
     fused = BareTrainer(cfg, [0, 1], lr=1e-3, fused=True)
     g = torch.Generator().manual_seed(0)
     for a, b in zip(standard.saes, fused.saes):
-        with torch.no_grad():  # a non-zero b_dec and input scale exercise their gradients
+        with torch.no_grad():  # a non-zero b_dec and input scale (normalize_input) exercise their gradients
             a.b_dec.normal_(generator=g)
             b.b_dec.copy_(a.b_dec)
             a.input_scale.fill_(0.7)
@@ -185,6 +185,8 @@ def test_triton_kernels_match_the_torch_reference() -> None:
     term = sort.term(values, source)
     ref_decode = torch.nn.functional.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
     torch.testing.assert_close(triton_kernels.gather_decode(values, indices, W), ref_decode)
+    bias = torch.randn(d, device=device, generator=g)
+    torch.testing.assert_close(triton_kernels.gather_decode(values, indices, W, bias), ref_decode + bias)
     dots = triton_kernels.row_dots(W, sort.crow, sort.src, term.coef, source)
     expected = (source[sort.src] * W[indices.reshape(-1)[sort.order]]).sum(-1) * (term.coef != 0)
     torch.testing.assert_close(dots, expected)
