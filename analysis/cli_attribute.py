@@ -26,6 +26,7 @@ import torch
 
 from activations.records import BENIGN, REFUSAL_CATEGORIES, SPLITS, PromptRecord
 from activations.cli_util import run_cli
+from analysis.cli_common import add_target_args
 
 METRIC_TEXT = "log p(refusal tokens) - log p([respond]) at the last prompt position"
 
@@ -43,13 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validate-top", type=int, default=16, help="top units checked by activation patching (0 = off)")
     parser.add_argument("--n-pairs", type=int, default=16, help="clean/corrupt prompt pairs")
     parser.add_argument("--positions", choices=("last", "all"), default="last", help="positions whose units are patched")
-    parser.add_argument("--tokens", default=None,
-                        help="refusal-token preset (default, llama3) or JSON file; default MODEL/refusal_tokens.json")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward/backward")
-    parser.add_argument("--max-length", type=int, default=512, help="prompt tokens kept (left truncation)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set's split assignment")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_target_args(parser, 8, "pairs per forward/backward")
     parser.add_argument("--out", type=Path, default=Path("attribution.json"), help="output JSON")
     return parser
 

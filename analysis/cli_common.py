@@ -1,5 +1,7 @@
 """Pieces shared by the analysis subcommands (`steer`, `attribute`, `stability`).
 
+- `add_target_args(parser, batch_size, batch_help)`: the options of `load_target` and `load_records`
+  that every model-running subcommand takes (tokens, batch size, max length, seed, device, dtype).
 - `load_records(specs, split, seed)`: the prompts of one split of a prompt set.
 - `load_target(model, tokens, device, dtype)`: a refusal-token model, its tokenizer and token spec.
 - `load_one_sae(path, layer, d_model, device)`: one exported SAE folder (`RUN/seed_<s>/`), checked.
@@ -9,6 +11,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from collections.abc import Sequence
@@ -18,6 +21,17 @@ from typing import Any
 import numpy as np
 
 from activations.records import BENIGN, CONTRAST, SPLITS, PromptRecord
+
+
+def add_target_args(parser: argparse.ArgumentParser, batch_size: int, batch_help: str) -> None:
+    """Add --tokens, --batch-size, --max-length, --seed, --device and --dtype to `parser`."""
+    parser.add_argument("--tokens", default=None,
+                        help="refusal-token preset (default, llama3) or JSON file; default MODEL/refusal_tokens.json")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    parser.add_argument("--max-length", type=int, default=512, help="prompt tokens kept (left truncation)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set's split assignment")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
 
 
 def load_records(specs: Sequence[str], split: str, seed: int = 0) -> list[PromptRecord]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from activations.records import SPLITS
 from activations.cli_util import run_cli
-from analysis.cli_common import rate_text
+from analysis.cli_common import add_target_args, rate_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,16 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="steering strengths; each is run as +A and -A")
     parser.add_argument("--positions", choices=("all", "generated"), default="all",
                         help="steer every position (default) or only the last prompt / generated positions")
-    parser.add_argument("--tokens", default=None,
-                        help="refusal-token preset (default, llama3) or JSON file; default MODEL/refusal_tokens.json")
     parser.add_argument("--ablate-sae", type=Path, default=None, help="one exported SAE folder (RUN/seed_<s>)")
     parser.add_argument("--features", type=Path, default=None,
                         help="features.json of that SAE seed (`refusal-sae select`): the latents to ablate")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=512, help="prompt tokens kept (left truncation)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set's split assignment")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_target_args(parser, 16, "prompts per forward")
     parser.add_argument("--out", type=Path, default=Path("results.json"), help="output JSON (default results.json)")
     return parser
 

@@ -35,6 +35,7 @@ class LatentTracker(nn.Module):
         self.register_buffer("window_fires", torch.zeros(d_sae, dtype=torch.int64))
         self.register_buffer("window_tokens", torch.zeros((), dtype=torch.int64))
         self._dead_count: tuple[Tensor, torch.cuda.Event | None, int] | None = None  # see dead_ids()
+        self._count_dead = False  # set by the first dead_ids() call: updates then count the dead latents
 
     @torch.no_grad()
     def update(
@@ -56,7 +57,8 @@ class LatentTracker(nn.Module):
         self.window_tokens += n_tokens
         since = self.tokens_since_fired + n_tokens
         self.tokens_since_fired.copy_(torch.where(counts > 0, torch.zeros_like(since), since))
-        self._start_dead_count()
+        if self._count_dead:  # only while someone reads dead_ids() (AuxK on)
+            self._start_dead_count()
 
     def _start_dead_count(self) -> None:
         """Count the dead latents and start copying the count to the host (asynchronous on CUDA)."""
@@ -77,11 +79,12 @@ class LatentTracker(nn.Module):
 
         `update()` counts the dead latents and starts copying the count to the host; it is read at
         the next step (so the copy has long finished, while the GPU still has that step's backward
-        and optimizer queued) and sizes the ids. After a checkpoint load, or before any update, the
+        and optimizer queued) and sizes the ids. On the first call, and after a checkpoint load, the
         count is read once with a sync.
         """
+        self._count_dead = True
         known = self._dead_count
-        if known is None or known[2] != self.tokens_since_fired._version:  # loaded, or never updated
+        if known is None or known[2] != self.tokens_since_fired._version:  # first call, or loaded
             self._start_dead_count()
             known = self._dead_count
         assert known is not None

@@ -31,3 +31,13 @@ def tiny_llama(embedded_tokenizer):
     from activations.tiny_models import build_tiny_model
 
     return build_tiny_model("llama", tokenizer=embedded_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_llama, tmp_path_factory) -> str:
+    """`tiny_llama` saved as a local model folder (model + tokenizer), read-only for the tests."""
+    model, tokenizer = tiny_llama
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)

@@ -45,16 +45,6 @@ def classifier_dir(embedded_tokenizer, tmp_path_factory):
     return str(out)
 
 
-@pytest.fixture(scope="module")
-def judge_dir(tiny_llama, tmp_path_factory):
-    """The tiny random causal LM saved as a local judge."""
-    model, tokenizer = tiny_llama
-    out = tmp_path_factory.mktemp("judge")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
-
-
 def assert_global_decisions(decisions: list[GateDecision], n: int) -> None:
     assert [d.row for d in decisions] == list(range(n))
     for d in decisions:
@@ -64,8 +54,8 @@ def assert_global_decisions(decisions: list[GateDecision], n: int) -> None:
 
 
 @pytest.mark.parametrize("kind", ["sequence-classifier", "causal-judge"])
-def test_external_gate_is_per_row_deterministic_and_thresholded(kind, classifier_dir, judge_dir):
-    source = classifier_dir if kind == "sequence-classifier" else judge_dir
+def test_external_gate_is_per_row_deterministic_and_thresholded(kind, classifier_dir, tiny_llama_dir):
+    source = classifier_dir if kind == "sequence-classifier" else tiny_llama_dir
     gate = ExternalClassifierGate(source, kind=kind, batch_size=3)
     scores = gate.scores(TEXTS)
     assert scores.shape == (len(TEXTS),) and scores.dtype == np.float64
@@ -103,26 +93,26 @@ def test_external_gate_never_takes_labelled_records(classifier_dir):
         gate.decide_texts([])
 
 
-def test_external_gate_bad_configurations(classifier_dir, judge_dir, tmp_path):
+def test_external_gate_bad_configurations(classifier_dir, tiny_llama_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown external gate kind"):
         ExternalClassifierGate(classifier_dir, kind="regex")
     with pytest.raises(ValueError, match=r"threshold must lie in \[0, 1\]"):
         ExternalClassifierGate(classifier_dir, threshold=1.5)
     with pytest.raises(ValueError, match="must contain '{prompt}'"):
-        ExternalClassifierGate(judge_dir, kind="causal-judge", prompt_template="no placeholder")
+        ExternalClassifierGate(tiny_llama_dir, kind="causal-judge", prompt_template="no placeholder")
     with pytest.raises(ValueError, match="refuse labels"):
         ExternalClassifierGate(classifier_dir, refuse_labels=("toxic",))
     with pytest.raises(ValueError, match="start with the same token"):
-        ExternalClassifierGate(judge_dir, kind="causal-judge", answers=(" yes", " yes please"))
+        ExternalClassifierGate(tiny_llama_dir, kind="causal-judge", answers=(" yes", " yes please"))
     with pytest.raises(FileNotFoundError):
         ExternalClassifierGate(str(tmp_path / "missing-model"))
 
 
-def test_judge_template_and_answers_are_used(judge_dir):
-    gate = ExternalClassifierGate(judge_dir, kind="causal-judge", prompt_template="Q: {prompt}\nRefuse?",
+def test_judge_template_and_answers_are_used(tiny_llama_dir):
+    gate = ExternalClassifierGate(tiny_llama_dir, kind="causal-judge", prompt_template="Q: {prompt}\nRefuse?",
                                   answers=(" Yes", " No"))
     assert gate.format("hi") == "Q: hi\nRefuse?"
-    swapped = ExternalClassifierGate(judge_dir, kind="causal-judge", prompt_template="Q: {prompt}\nRefuse?",
+    swapped = ExternalClassifierGate(tiny_llama_dir, kind="causal-judge", prompt_template="Q: {prompt}\nRefuse?",
                                      answers=(" No", " Yes"))
     np.testing.assert_allclose(gate.scores(TEXTS) + swapped.scores(TEXTS), 1.0, atol=1e-9)
 

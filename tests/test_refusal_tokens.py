@@ -236,21 +236,12 @@ def test_existing_tokens_are_reused(tiny_llama):
 # ---------------------------------------------------------------- command line
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tiny_llama, tmp_path_factory):
-    model, tokenizer = tiny_llama
-    out = tmp_path_factory.mktemp("tiny-base")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def test_cli_fit_then_eval(tiny_model_dir, tmp_path, capsys):
+def test_cli_fit_then_eval(tiny_llama_dir, tmp_path, capsys):
     from probes.cli_refusal_tokens import main
 
     out = tmp_path / "checkpoint"
     prompts = "builtin:quickstart?per_category=4"
-    assert main(["fit", "--model", str(tiny_model_dir), "--prompts", prompts, "--out", str(out),
+    assert main(["fit", "--model", str(tiny_llama_dir), "--prompts", prompts, "--out", str(out),
                  "--device", "cpu", "--batch-size", "8"]) == 0
     printed = capsys.readouterr().out
     assert "eval: accuracy" in printed and "Wilson 95%" in printed and "percentile bootstrap 95%" in printed
@@ -275,10 +266,10 @@ def test_cli_fit_then_eval(tiny_model_dir, tmp_path, capsys):
          "unknown refusal-token preset"),
     ],
 )
-def test_cli_errors_are_one_line(argv, message, tiny_model_dir, capsys):
+def test_cli_errors_are_one_line(argv, message, tiny_llama_dir, capsys):
     from probes.cli_refusal_tokens import main
 
-    argv = [a.replace("{tiny}", str(tiny_model_dir)) for a in argv]
+    argv = [a.replace("{tiny}", str(tiny_llama_dir)) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: transformers' loading bar
     assert err.startswith("error: ") and message in err
