@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,15 +23,42 @@ from tqdm.auto import tqdm
 
 from activations.adapter import ModelAdapter
 from activations.harvest_batches import PromptBatch, prefetched_batches
-from activations.hooks import StopForward, residual_hooks
+from activations.hooks import capture_residuals
+from activations.model_loading import ModelOptions
 from activations.model_loading import model_info as describe_model
 from activations.prompts.hashing import records_sha256
 from activations.records import PromptRecord
-from activations.store_format import POSITION_MODES, STORAGE_DTYPES
-from activations.store_write import ShardWriter
+from activations.store.format import POSITION_MODES, STORAGE_DTYPES
+from activations.store.write import ShardWriter
 
 SHARD_TARGET_BYTES = 64 << 20
 """Default shard size: rows are buffered until a shard holds about this many bytes."""
+
+
+@dataclass
+class HarvestConfig:
+    """The `harvest` stage (pipeline section `harvest:`, flags `--harvest.*`).
+
+    Args:
+        layers: block indices to capture (layer l = `hidden_states[l + 1]`); None = one a third of
+            the way up and one at two thirds. The first one is the pipeline's primary layer.
+        batch_size: prompts per forward.
+        storage_dtype: dtype of the stored activations (bfloat16 is stored as its uint16 bits).
+        rows_per_shard: rows per shard (None: about 64 MiB of activations per shard).
+    """
+
+    layers: list[int] | None = None
+    batch_size: int = 32
+    storage_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    rows_per_shard: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"unknown storage_dtype {self.storage_dtype!r}; expected one of {', '.join(STORAGE_DTYPES)}")
+        if self.rows_per_shard is not None and self.rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
 
 
 def weights_fingerprint(model: torch.nn.Module, sample: int = 256) -> str:
@@ -93,27 +121,16 @@ def _capture_batch(
     token_index = None
     if positions == "all":
         token_index = batch.attention_mask.reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
-    captured: dict[int, torch.Tensor] = {}
 
-    def keep(layer: int) -> Callable[[torch.Tensor], None]:
-        def edit(hidden: torch.Tensor) -> None:
-            rows = hidden[:, -1, :] if token_index is None else hidden.reshape(-1, hidden.shape[-1]).index_select(0, token_index)
-            captured[layer] = _to_storage(rows, dtype)
+    def rows(hidden: torch.Tensor) -> torch.Tensor:
+        picked = hidden[:, -1, :] if token_index is None else hidden.reshape(-1, hidden.shape[-1]).index_select(0, token_index)
+        return _to_storage(picked, dtype)
 
-        return edit
-
-    base = getattr(adapter.model, adapter.model.base_model_prefix, adapter.model)
-    with residual_hooks(adapter, {layer: keep(layer) for layer in layers}, stop_after=max(layers)):
-        try:
-            base(
-                input_ids=batch.input_ids.to(device, non_blocking=True),
-                attention_mask=batch.attention_mask.to(device, non_blocking=True),
-                position_ids=batch.position_ids.to(device, non_blocking=True),
-                use_cache=False,
-            )
-        except StopForward:
-            pass
-    return captured
+    return capture_residuals(
+        adapter, layers, batch.input_ids.to(device, non_blocking=True),
+        batch.attention_mask.to(device, non_blocking=True),
+        position_ids=batch.position_ids.to(device, non_blocking=True), reduce=rows,
+    )
 
 
 def _store_batch(writer: ShardWriter, batch: PromptBatch, rows: Mapping[int, torch.Tensor], positions: str) -> None:
@@ -142,10 +159,10 @@ def harvest(
     layers: Sequence[int],
     out_dir: str | Path,
     positions: str = "last",
-    batch_size: int = 16,
-    max_length: int | None = 512,
-    dtype: str = "float16",
-    chat_template: bool = True,
+    batch_size: int = HarvestConfig.batch_size,
+    max_length: int | None = ModelOptions.max_length,
+    dtype: str = HarvestConfig.storage_dtype,
+    chat_template: bool = ModelOptions.chat_template,
     model_info: Mapping[str, Any] | None = None,
     prompt_info: Mapping[str, Any] | None = None,
     progress: bool = True,

@@ -83,11 +83,16 @@ def capture_residuals(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     stop_early: bool = True,
+    position_ids: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Run a forward and return `{layer: hidden (batch, seq, d_model)}` for the requested layers.
 
     With `stop_early` the forward ends after the deepest requested layer: later blocks, the final
-    norm and the unembedding are never computed.
+    norm and the unembedding are never computed. `position_ids` default to counting from each row's
+    first real token (a left-padded row equals the row alone). `reduce(hidden)` runs inside the
+    hook and its result is kept instead (e.g. the rows a harvest stores), so full hidden states of
+    several layers need not be held at once.
     """
     if not layers:
         raise ValueError("no layers requested")
@@ -95,20 +100,18 @@ def capture_residuals(
 
     def keep(layer: int) -> Edit:
         def edit(hidden: torch.Tensor) -> None:
-            captured[layer] = hidden
+            captured[layer] = hidden if reduce is None else reduce(hidden)
 
         return edit
 
     deepest = max(adapter.check_layer(layer) for layer in layers)
     base = getattr(adapter.model, adapter.model.base_model_prefix, adapter.model)
     with residual_hooks(adapter, {layer: keep(layer) for layer in layers}, stop_after=deepest if stop_early else None):
-        try:
-            # The base model (no LM head) is enough: no logits are ever needed here. Position ids
-            # count from each row's first real token, so a left-padded row equals the row alone.
+        try:  # the base model (no LM head) is enough: no logits are ever needed here
             base(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
+                position_ids=position_ids_from_mask(attention_mask) if position_ids is None else position_ids,
                 use_cache=False,
             )
         except StopForward:

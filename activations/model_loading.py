@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -28,6 +29,38 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+
+
+@dataclass
+class ModelOptions:
+    """How the model under study is run: shared by every stage and command that runs it.
+
+    Args:
+        device: auto (a GPU when one is visible) | cpu | cuda | cuda:N.
+        model_dtype: compute dtype; auto = bfloat16 on a GPU, float32 on the CPU.
+        max_length: prompt tokens kept (longer prompts lose their beginning).
+        chat_template: wrap prompts in the tokenizer's chat template with the generation prompt.
+    """
+
+    device: str = "auto"
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_length: int = 512
+    chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
+
+    @property
+    def resolved_device(self) -> str:
+        return resolve_device(self.device)
+
+    @property
+    def resolved_dtype(self) -> str:
+        """`model_dtype` with auto resolved for the device."""
+        if self.model_dtype != "auto":
+            return self.model_dtype
+        return "bfloat16" if self.resolved_device.startswith("cuda") else "float32"
 
 
 def cache_dir() -> Path:
@@ -176,9 +209,3 @@ def load_embedded_tokenizer() -> Any:
 
     return prepare_tokenizer(AutoTokenizer.from_pretrained(convert_embedded()))
 
-
-def tiny_random_model(family: str = "llama", seed: int = 0, **overrides: Any) -> tuple[torch.nn.Module, Any]:
-    """A small randomly initialised model of `family` with the embedded tokenizer, for tests."""
-    from activations.tiny_models import build_tiny_model
-
-    return build_tiny_model(family=family, seed=seed, **overrides)

@@ -1,38 +1,41 @@
-"""`refusal-sae` console command: a thin dispatcher to each stage's subcommand.
+"""`refusal-sae` console command: one subcommand per stage, each generated from its Config dataclass.
 
-Each subcommand lives in the package of its stage and exposes `main(argv: list[str]) -> int`;
-modules are imported lazily so `refusal-sae harvest` never imports the SAE or analysis code.
+Subcommand modules are imported lazily, so `refusal-sae harvest` never imports the SAE or analysis
+code. A module exposes `COMMAND` (an `analysis.stages.command.Command`) or, for commands with
+actions (`refusal-tokens fit|eval`), `COMMANDS = {action: Command}`.
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
+from analysis.stages.command import run_command
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "harvest": ("activations.cli_harvest", "residual activations of labelled prompts -> HDF5 shards"),
-    "train": ("sae.cli", "train top-K SAEs (several seeds) on shards with Lightning"),
-    "refusal-tokens": ("probes.cli_refusal_tokens", "fit categorical refusal tokens onto a model"),
-    "select": ("probes.cli_select", "L1 heads, stability selection, features.json"),
-    "vectors": ("probes.cli_vectors", "residual / SAE / low-rank steering vectors"),
-    "steer": ("analysis.cli_steer", "evaluate steering, gating and ablation conditions"),
-    "attribute": ("analysis.cli_attribute", "attribution patching scores per unit / SAE feature"),
-    "stability": ("analysis.cli_stability", "cross-seed matching, feature Jaccard, geometry plots"),
-    "synthesize-contrast": ("analysis.cli_synthesize", "rewrite prompts until the refusal decision flips"),
-    "pipeline": ("analysis.pipeline", "run every stage from a YAML config, resumably, and write a report"),
-    "compare": ("analysis.compare", "compare summary.json files of several runs"),
+    "harvest": ("analysis.stages.harvest", "residual activations of labelled prompts -> HDF5 shards"),
+    "train": ("analysis.stages.train", "train top-K SAEs (several seeds) on shards with Lightning"),
+    "refusal-tokens": ("analysis.stages.refusal_tokens", "fit categorical refusal tokens onto a model (fit | eval)"),
+    "select": ("analysis.stages.select", "L1 heads, stability selection, features.json"),
+    "vectors": ("analysis.stages.vectors", "residual / SAE / low-rank steering vectors"),
+    "steer": ("analysis.stages.steer", "evaluate steering, gating and ablation conditions"),
+    "attribute": ("analysis.stages.attribute", "attribution patching scores per unit / SAE feature"),
+    "stability": ("analysis.stages.stability", "cross-seed matching, feature Jaccard, geometry plots"),
+    "synthesize-contrast": ("analysis.stages.synthesize", "rewrite prompts until the refusal decision flips"),
+    "pipeline": ("analysis.pipeline.main", "run every stage from a YAML config, resumably, and write a report"),
+    "compare": ("analysis.stages.compare", "compare summary.json files of several runs"),
 }
 
 
 def _usage() -> str:
     width = max(len(name) for name in SUBCOMMANDS)
-    lines = ["usage: refusal-sae <command> [options]", "", "commands:"]
+    lines = ["usage: refusal-sae <command> [-c CONFIG.yaml] [--section.key VALUE ...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "Run `refusal-sae <command> --help` for a command's options."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch `argv[0]` to its subcommand module; returns the process exit code."""
+    """Dispatch `argv[0]` to its subcommand; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -42,7 +45,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    if hasattr(module, "COMMANDS"):
+        actions = module.COMMANDS
+        if not rest or rest[0] not in actions:
+            if rest and rest[0] in ("-h", "--help"):
+                print(f"usage: refusal-sae {name} {{{'|'.join(actions)}}} [options]")
+                return 0
+            print(f"error: refusal-sae {name} needs an action: {' | '.join(actions)}", file=sys.stderr)
+            return 2
+        return run_command(actions[rest[0]], rest[1:])
+    return run_command(module.COMMAND, rest)
 
 
 if __name__ == "__main__":

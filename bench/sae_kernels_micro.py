@@ -17,8 +17,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.sae_step import kill_latents, time_ms  # noqa: E402
-from sae.kernels import scatter_rows_matmul, sparse_decode  # noqa: E402
-from sae.topk_filter import filtered_topk  # noqa: E402
+from sae.kernels.csr import scatter_rows_matmul, sparse_decode  # noqa: E402
+from sae.kernels.topk_filter import filtered_topk  # noqa: E402
 
 
 def dense_matmul(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -38,8 +38,8 @@ def two_stage_topk(pre: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.
 
 def fused_cases(W: torch.Tensor, xb: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, k: int) -> dict:
     """The Triton kernels of the fused path, checked against torch first."""
-    from sae import triton_kernels as tk
-    from sae.fused import LatentSort, RowGradTerm, reference_row_grad_adam
+    from sae.kernels import triton as tk
+    from sae.kernels.fused import LatentSort, RowGradTerm, reference_row_grad_adam
 
     d_sae = W.shape[0]
     W16 = W.bfloat16()

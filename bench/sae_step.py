@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae.config import SAEConfig  # noqa: E402
+from sae.config import DataConfig, OptimConfig, SAEConfig  # noqa: E402
 from sae.step import BareTrainer  # noqa: E402
 
 ADAM_BYTES_PER_PARAM = 28  # fp32: read param, grad, m, v (16 B) + write param, m, v (12 B)
@@ -61,7 +61,7 @@ def free_memory(device: torch.device) -> None:
 
 def check_kernel(device: torch.device) -> None:
     """Our sparse backward passes vs dense autograd on this device (float32), before any timing."""
-    from sae.kernels import sparse_decode, topk_pre_acts
+    from sae.kernels.csr import sparse_decode, topk_pre_acts
 
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # an exact float32 reference
@@ -115,7 +115,7 @@ DEFAULT_VARIANTS = ["standard", "fused", "fused-bf16m"]
 
 def check_fused(device: torch.device) -> None:
     """Fused path (Triton where available) vs its torch reference vs the standard path, float32, 10 steps."""
-    from sae import triton_kernels
+    from sae.kernels import triton as triton_kernels
 
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg = SAEConfig(d_in=256, d_sae=4096, k=32, auxk_coeff=1 / 32, auxk_k=64, dead_tokens_threshold=256)
@@ -278,8 +278,8 @@ def bench_fit(cfg: SAEConfig, batch: int, args: argparse.Namespace, device: torc
             writer.add_prompt(f"p{part}", "benign", "extract", np.arange(batch), np.zeros(batch),
                               {0: rng.standard_normal((batch, cfg.d_in), dtype=np.float32)})
         writer.finish()
-        datamodule = ShardDataModule(str(Path(tmp) / "store"), 0, batch_size=batch, in_memory=True,
-                                     device_dtype="bfloat16" if device.type == "cuda" else "float32", init_rows=4096)
+        datamodule = ShardDataModule(str(Path(tmp) / "store"), 0, DataConfig(
+            batch_size=batch, in_memory=True, device_dtype="bfloat16" if device.type == "cuda" else "float32", init_rows=4096))
         timer = StepTimer()
         trainer = pl.Trainer(
             max_steps=args.warmup + args.steps, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
@@ -287,7 +287,8 @@ def bench_fit(cfg: SAEConfig, batch: int, args: argparse.Namespace, device: torc
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, limit_val_batches=0,
         )
-        trainer.fit(SAELightningModule(cfg, seeds=[0], lr=1e-4, fused=device.type == "cuda"), datamodule=datamodule)
+        module = SAELightningModule(cfg, seeds=[0], optim=OptimConfig(lr=1e-4, fused=device.type == "cuda"))
+        trainer.fit(module, datamodule=datamodule)
         del trainer, datamodule
     free_memory(device)
     return (timer.end - timer.start) * 1000 / args.steps

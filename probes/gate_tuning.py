@@ -18,7 +18,7 @@ from activations.records import BENIGN, CONTRAST, REFUSAL_CATEGORIES
 from probes.gates import NONE, DistanceGate, GateDecision, ProbeGate
 from probes.heads import HeadResult
 from probes.metrics import best_threshold
-from probes.protocol import LabelledRows, category_mean, require_split
+from probes.rows import LabelledRows, category_mean, require_split
 
 Outcome = Callable[[list[GateDecision]], tuple[float, float]]
 """decisions for the calibrate rows -> (over-refusal rate on benign+contrast, refusal rate on refusal rows)."""

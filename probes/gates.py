@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from probes.heads import HeadResult
-from probes.storage import read_json, to_jsonable, write_json
+from activations.io import read_json, to_jsonable, write_json
 
 NONE = "none"
 DIRECTIONS = ("toward", "away", NONE)

@@ -19,8 +19,8 @@ import numpy as np
 
 from activations.records import BENIGN, CONTRAST, PROBE_CLASSES, REFUSAL_CATEGORIES
 from probes.metrics import classification_summary, macro_f1
-from probes.protocol import LabelledRows, probe_targets, require_split
-from probes.storage import load_numpy_tensors, read_json, save_numpy_tensors, write_json
+from probes.rows import LabelledRows, probe_targets, require_split
+from activations.io import load_numpy_tensors, read_json, save_numpy_tensors, write_json
 
 DEFAULT_C_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 """Inverse L1 strengths tried by `select_l1_head` (small C = sparser head)."""

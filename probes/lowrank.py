@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from activations.records import BENIGN, REFUSAL_CATEGORIES
-from probes.protocol import LabelledRows, category_mean, require_split
+from probes.rows import LabelledRows, category_mean, require_split
 from probes.vectors import SteeringVector
 
 

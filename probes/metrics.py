@@ -1,40 +1,16 @@
-"""Small float64 classification metrics with 95% intervals (the probes package cannot import analysis).
+"""Small float64 classification metrics with 95% intervals (rates and bootstraps: `activations.stats`).
 
-- `wilson_interval` / `rate_with_ci`: a proportion k/n with its Wilson score interval.
 - `macro_f1`: mean F1 over the classes present in the truth.
-- `percentile_bootstrap`: percentile CI of any statistic of resampled rows.
+- `classification_summary`: accuracy (Wilson) and macro-F1 (bootstrap) with 95% CIs.
 - `best_threshold`: the score threshold that maximises F1 or Youden's J for one binary target.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-Z_95 = 1.959963984540054
-"""Standard normal quantile for a two-sided 95% interval."""
-
-
-def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of the proportion k/n; (0, 1) when n == 0."""
-    if n < 0 or k < 0 or k > n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact bounds at the edges (no round-off)
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return lo, hi
-
-
-def rate_with_ci(k: int, n: int) -> dict:
-    """`{"rate", "ci", "n"}` for k successes of n (rate 0.0 when n == 0), Wilson 95%."""
-    lo, hi = wilson_interval(int(k), int(n))
-    return {"rate": (k / n) if n else 0.0, "ci": [lo, hi], "n": int(n)}
+from activations.stats import bootstrap_ci_rows, rate_from_counts
 
 
 def f1_per_class(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -59,24 +35,6 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
     return float(np.mean(f1_per_class(y_true, y_pred, n_classes)[present]))
 
 
-def percentile_bootstrap(
-    statistic: Callable[[np.ndarray], float],
-    n: int,
-    n_boot: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> tuple[float, float]:
-    """Percentile bootstrap CI of `statistic(index)` where `index` (n,) resamples rows with replacement."""
-    if n <= 0:
-        raise ValueError("bootstrap needs at least one row")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    rng = np.random.default_rng(seed)
-    values = np.array([statistic(rng.integers(0, n, size=n)) for _ in range(n_boot)], dtype=np.float64)
-    alpha = (1.0 - level) / 2.0
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))
-
-
 def classification_summary(
     y_true: np.ndarray,
     y_pred: np.ndarray,
@@ -89,9 +47,9 @@ def classification_summary(
     y_pred = np.asarray(y_pred, dtype=np.int64)
     n = int(y_true.size)
     k = len(classes)
-    accuracy = rate_with_ci(int(np.sum(y_true == y_pred)), n)
+    accuracy = rate_from_counts(int(np.sum(y_true == y_pred)), n)
     value = macro_f1(y_true, y_pred, k)
-    ci = percentile_bootstrap(lambda idx: macro_f1(y_true[idx], y_pred[idx], k), n, n_boot, seed)
+    ci = bootstrap_ci_rows(lambda idx: macro_f1(y_true[idx], y_pred[idx], k), n, n_boot, seed)
     per_class = f1_per_class(y_true, y_pred, k)
     support = np.bincount(y_true, minlength=k)
     return {

@@ -28,7 +28,7 @@ from activations.adapter import ModelAdapter
 from activations.records import PROBE_CLASSES, PromptRecord
 from activations.tokenize import encode_prompts, position_ids_from_mask, token_lengths
 from probes.metrics import classification_summary, macro_f1
-from probes.protocol import probe_targets, require_split, split_hash
+from probes.rows import probe_targets, require_split, split_hash
 from probes.refusal_token_install import install_refusal_tokens, offset_strength
 from probes.refusal_tokens import RefusalTokenSpec, first_token_logits, model_device
 

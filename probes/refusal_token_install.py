@@ -31,7 +31,7 @@ import torch
 
 from activations.adapter import ModelAdapter
 from probes.refusal_tokens import SPEC_FILE, RefusalTokenSpec
-from probes.storage import load_numpy_tensors, save_numpy_tensors, to_jsonable, write_json
+from activations.io import load_numpy_tensors, save_numpy_tensors, to_jsonable, write_json
 
 REPORT_FILE = "fit_report.json"
 HEAD_FILE = "refusal_head.safetensors"

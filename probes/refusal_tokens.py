@@ -27,7 +27,7 @@ import torch
 
 from activations.records import PROBE_CLASSES
 from activations.tokenize import encode_prompts, position_ids_from_mask
-from probes.storage import read_json, write_json
+from activations.io import read_json, write_json
 
 SPEC_FILE = "refusal_tokens.json"
 """Name of the token-spec file inside a refusal-token model directory."""

@@ -1,4 +1,5 @@
-"""Feature selection from L1 heads: per-class top-K, stability selection, and `features.json`.
+"""Feature selection from L1 heads: per-class top-K, stability selection, and `features.json`
+(`write_features_json` writes it, `read_features` is the one reader, with its checks).
 
 A feature "belongs" to a class when its weight for that class is positive (class 0 = benign, so the
 benign row of the head yields benign features). Stability selection refits the head on bootstrap
@@ -11,15 +12,16 @@ or SAE latents already aligned across seeds); feature j of one matrix is counted
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from activations.records import CATEGORIES, PROBE_CLASSES
+from activations.io import read_json, write_json
+from activations.records import CATEGORIES, PROBE_CLASSES, REFUSAL_CATEGORIES
 from probes.heads import HeadResult, fit_l1_head
-from probes.protocol import LabelledRows, require_split
-from probes.storage import write_json
+from probes.rows import LabelledRows, require_split
 
 
 @dataclass(frozen=True)
@@ -186,3 +188,59 @@ def write_features_json(
         "per_class": per_class,
         "probe_eval": None if probe_eval is None else dict(probe_eval),
     })
+
+
+def read_features(path: str | Path, layer: int | None = None, sae_seed: int | None = None,
+                  d_sae: int | None = None, space: str | None = "sae", what: str = "features.json") -> dict[str, Any]:
+    """A `features.json` (a folder means its `features.json`), checked against what the caller holds.
+
+    Checks, when given: the feature space ("sae" latents or "residual" units), the layer, the SAE
+    seed it was selected on (latent ids of one seed mean nothing for another) and the width. Returns
+    the parsed file with `"path"` added. `what` names the file in the error when it is missing.
+    """
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path = path / "features.json"
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} has no 'per_class' table; is it a features.json of `refusal-sae select`?")
+    data = {**data, "path": str(path)}
+    check_features(data, layer, sae_seed, d_sae, space)
+    return data
+
+
+def check_features(data: Mapping[str, Any], layer: int | None = None, sae_seed: int | None = None,
+                   d_sae: int | None = None, space: str | None = "sae") -> None:
+    """The checks of `read_features` on an already parsed features.json (see there)."""
+    path = data.get("path", "features.json")
+    if not isinstance(data.get("per_class"), dict):
+        raise ValueError(f"{path} has no 'per_class' table; is it a features.json of `refusal-sae select`?")
+    meta = data.get("meta") or {}
+    if space is not None and meta.get("space", "sae") != space:
+        raise ValueError(f"{path} selects {meta.get('space')} units, not {space} features")
+    if layer is not None and meta.get("layer") is not None and int(meta["layer"]) != layer:
+        raise ValueError(f"{path} was selected at layer {meta['layer']}, not layer {layer}")
+    if sae_seed is not None and meta.get("sae_seed") is not None and int(meta["sae_seed"]) != sae_seed:
+        raise ValueError(f"{path} was selected on SAE seed {meta['sae_seed']}, not on seed {sae_seed} "
+                         "(latent ids differ between seeds)")
+    width = meta.get("n_features", meta.get("d_sae"))
+    if d_sae is not None and width is not None and int(width) != d_sae:
+        raise ValueError(f"{path} has {width} features, but the SAE has d_sae {d_sae}")
+
+
+def class_feature_ids(features: Mapping[str, Any], classes: Sequence[str]) -> dict[str, list[int]]:
+    """`{class: selected feature ids}` of a parsed features.json; every class must be present."""
+    per_class = features["per_class"]
+    missing = [c for c in classes if c not in per_class]
+    if missing:
+        raise ValueError(f"{features.get('path', 'features.json')} has no class {missing[0]!r}")
+    return {c: [int(i) for i in per_class[c]["feature_ids"]] for c in classes}
+
+
+def refusal_feature_ids(features: Mapping[str, Any]) -> list[int]:
+    """Sorted union of the features selected for the refusal categories (not benign / contrast)."""
+    ids = sorted({int(i) for name, entry in features["per_class"].items() if name in REFUSAL_CATEGORIES
+                  for i in entry.get("feature_ids", [])})
+    if not ids:
+        raise ValueError(f"{features.get('path', 'features.json')} selects no features for any refusal category")
+    return ids

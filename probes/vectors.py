@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from probes.storage import load_torch_tensors, read_json, save_torch_tensors, write_json
+from activations.io import load_torch_tensors, read_json, save_torch_tensors, write_json
 
 _NAME = re.compile(r"^[A-Za-z0-9_.+\-]+$")
 

@@ -14,41 +14,25 @@ them:
 which selects the same latents and costs a few small matmuls while few latents are dead. The dead
 ids come from `LatentTracker.dead_ids()` without a host sync.
 Gradients reach the encoder (W_enc rows, b_enc, and b_dec through the input) and the decoder rows
-of the dead latents; on the fused path the two matrix gradients go to the SAE's `DeferredGrads` as
-dense row blocks (`fused.deferred_rows`).
+of the dead latents, read through `sae.weight_rows` (on the fused path their gradients go to the
+SAE's `DeferredGrads` as dense row blocks). `sae` is a `sae.model.SparseAutoencoder`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae.fused import deferred_rows
-from sae.kernels import compute_dtype_for
-
-if TYPE_CHECKING:
-    from sae.model import SparseAutoencoder
+from sae.kernels.csr import compute_dtype_for
 
 
 ALIGN = 64
 """The dead set is padded to a multiple of this many latents (inert zero rows): aligned matmuls."""
 
 
-def _rows(sae: "SparseAutoencoder", name: str, ids: Tensor, padded: int) -> Tensor:
-    """`(padded, d_in)`: rows `ids` of a weight matrix, then zero rows; differentiable (deferred on
-    the fused path)."""
-    param = getattr(sae, name)
-    if sae._fused_now:
-        assert sae.deferred is not None
-        rows = deferred_rows(param, ids, name, sae.deferred)
-    else:
-        rows = param[ids]
-    return F.pad(rows, (0, 0, 0, padded - ids.shape[0]))
-
-
-def dead_latent_reconstruction(sae: "SparseAutoencoder", x: Tensor, dead: Tensor) -> tuple[Tensor, Tensor] | None:
+def dead_latent_reconstruction(sae: Any, x: Tensor, dead: Tensor) -> tuple[Tensor, Tensor] | None:
     """`(aux_x_hat (batch, d_in), aux_scale)` from the top-k_aux dead latents, or None when none is dead.
 
     Args:
@@ -62,10 +46,11 @@ def dead_latent_reconstruction(sae: "SparseAutoencoder", x: Tensor, dead: Tensor
     if n_dead == 0:
         return None
     padded = -(-n_dead // ALIGN) * ALIGN
+    pad_rows = (0, 0, 0, padded - n_dead)  # inert zero rows up to the aligned size
     dtype = compute_dtype_for(x, sae.dtype)
     x_scaled = sae.scale_input(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        w_enc = _rows(sae, "W_enc_rows", dead, padded).to(dtype)  # (padded, d_in)
+        w_enc = F.pad(sae.weight_rows("W_enc_rows", dead), pad_rows).to(dtype)  # (padded, d_in)
         bias = F.pad(sae.b_enc[dead], (0, padded - n_dead), value=float("-inf"))  # padding: never selected, code 0
         if sae.cfg.apply_b_dec_to_input:  # (x - b_dec) @ wᵀ = x @ wᵀ - w @ b_dec: b_dec's gradient is a GEMV
             bias = bias - (w_enc @ sae.b_dec.to(dtype)).to(bias.dtype)
@@ -76,6 +61,7 @@ def dead_latent_reconstruction(sae: "SparseAutoencoder", x: Tensor, dead: Tensor
             codes = torch.zeros_like(pre).scatter(1, positions, F.relu(values))
         else:  # every dead latent is among the top-k_aux
             codes = F.relu(pre)
-        decoded = (codes @ _rows(sae, "W_dec", dead, padded).to(dtype)).to(torch.float32)
+        w_dec = F.pad(sae.weight_rows("W_dec", dead), pad_rows).to(dtype)
+        decoded = (codes @ w_dec).to(torch.float32)
     aux_scale = torch.tensor(min(n_dead / sae.cfg.auxk_k, 1.0), dtype=torch.float32)
     return sae.unscale_output(decoded), aux_scale

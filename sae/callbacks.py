@@ -17,9 +17,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from activations.atomic import write_json_atomic, write_text_atomic
+from activations.io import write_json, write_text_atomic
 from sae.export import save_sae
-from sae.tracking import evaluate_sae, wilson_interval
+from activations.stats import wilson_ci
+from sae.tracking import evaluate_sae
 
 
 def merged_log_rows(logs_dir: Path) -> list[dict[str, str]]:
@@ -106,7 +107,7 @@ class RunExport(pl.Callback):
             split, batches = datamodule.metrics_batches()
             scores = evaluate_sae(sae, batches)
             n_dead = int(tracker.dead_mask().sum())
-            lo, hi = wilson_interval(n_dead, sae.d_sae)
+            lo, hi = wilson_ci(n_dead, sae.d_sae)
             record = {
                 "fvu": scores["fvu"], "l0": scores["l0"], "n_rows": scores["n_rows"], "metrics_split": split,
                 "dead_fraction": n_dead / sae.d_sae, "dead_fraction_ci": [lo, hi], "n_latents": sae.d_sae,
@@ -124,7 +125,7 @@ class RunExport(pl.Callback):
                 },
             )
             write_seed_csv(log_rows, seed, seed_dir / "metrics.csv")
-        write_json_atomic(
+        write_json(
             self.out_dir / "metrics.json",
             {"layer": self.layer, "shards_dir": str(datamodule.shards_dir),
              "shards_manifest_sha256": datamodule.manifest_sha256, "seeds": self.metrics},

@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Iterator
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from activations.store import ActivationStore
+from sae.config import DataConfig, as_config
 from sae.stream import ShuffledStream, check_finite_rows, labels_from_categories
 
 DEVICE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,51 +43,21 @@ class ShardDataModule(pl.LightningDataModule):
     """Activation rows of `layer` from an activation store, for SAE training.
 
     Args:
-        shards_dir: folder with manifest.json and shard-*.h5 (see activations/store.py).
+        shards_dir: folder with manifest.json and shard-*.h5 (see activations/store/).
         layer: block index whose output to train on.
-        split: split name(s) to train on (None = every row).
-        batch_size: rows per device per step.
-        categories: optional category filter.
-        in_memory: True / False, or None to decide from `memory_budget_gb`.
-        device_dtype: dtype of the device-resident copy (bfloat16 halves its memory).
-        chunk_rows, window_chunks: streaming read size and shuffle-buffer size (in chunks).
-        data_seed: seed of the row order.
-        metrics_split: split for the final metrics (falls back to the training split if empty).
-        metrics_rows: at most this many rows are used for the final metrics.
-        init_rows: rows sampled for the data-dependent initialisation (b_dec, input scale).
+        data: rows, order and placement (`sae.config.DataConfig`; a dict of its fields works too).
     """
 
-    def __init__(
-        self,
-        shards_dir: str,
-        layer: int,
-        split: str | list[str] | None = "extract",
-        batch_size: int = 1024,
-        categories: list[str] | None = None,
-        in_memory: bool | None = None,
-        memory_budget_gb: float = 4.0,
-        device_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        chunk_rows: int = 65536,
-        window_chunks: int = 8,
-        data_seed: int = 0,
-        metrics_split: str | None = "calibrate",
-        metrics_rows: int = 65536,
-        init_rows: int = 32768,
-        num_workers: int = 0,
-    ) -> None:
+    def __init__(self, shards_dir: str, layer: int, data: DataConfig | dict | None = None) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if device_dtype not in DEVICE_DTYPES:
-            raise ValueError(f"unknown device_dtype {device_dtype!r}; expected one of {', '.join(DEVICE_DTYPES)}")
-        self.save_hyperparameters()
-        self.shards_dir, self.layer, self.split = str(shards_dir), int(layer), split
-        self.batch_size, self.categories = int(batch_size), categories
-        self.in_memory = in_memory
-        self.memory_budget_gb, self.device_dtype = memory_budget_gb, device_dtype
-        self.chunk_rows, self.window_chunks, self.data_seed = chunk_rows, window_chunks, data_seed
-        self.metrics_split, self.metrics_rows, self.init_rows = metrics_split, metrics_rows, init_rows
-        self.num_workers = num_workers
+        cfg = as_config(data, DataConfig)
+        self.save_hyperparameters({"shards_dir": str(shards_dir), "layer": int(layer), "data": asdict(cfg)})
+        self.shards_dir, self.layer, self.data_cfg = str(shards_dir), int(layer), cfg
+        self.split, self.batch_size, self.categories = cfg.split, cfg.batch_size, cfg.categories
+        self.in_memory, self.memory_budget_gb, self.device_dtype = cfg.in_memory, cfg.memory_budget_gb, cfg.device_dtype
+        self.chunk_rows, self.window_chunks, self.data_seed = cfg.chunk_rows, cfg.window_chunks, cfg.data_seed
+        self.metrics_split, self.metrics_rows, self.init_rows = cfg.metrics_split, cfg.metrics_rows, cfg.init_rows
+        self.num_workers = cfg.num_workers
         self.store: ActivationStore | None = None
         self.n_rows = 0
         self._host_x: np.ndarray | None = None

@@ -9,18 +9,18 @@ Exported weights have the input scale folded in: they take raw activations.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from activations.jsonio import read_json
-from activations.store_format import write_json_atomic
+from activations.io import read_json
+from activations.io import write_json
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
 
@@ -108,7 +108,7 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, meta: dict[str, Any]
         "weights_sha256": digest,
         **meta,
     }
-    write_json_atomic(out / CFG_NAME, json.loads(json.dumps(cfg)))
+    write_json(out / CFG_NAME, cfg)
     _link_saelens_name(out)
     return out
 
@@ -192,12 +192,63 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> tuple
     return sae.to(device).eval(), cfg
 
 
-def load_sae_run(run_dir: str | Path, device: str | torch.device = "cpu") -> dict[int, SparseAutoencoder]:
-    """All `RUN/seed_<s>/` exports of a training run → {seed: sae}."""
+def trained_layer(cfg: dict[str, Any]) -> int | None:
+    """The layer an SAE's cfg.json records (ours, SAELens `hook_layer`, or a `blocks.<l>.` hook name)."""
+    ours = cfg.get("refusal_sae") or {}
+    if ours.get("layer") is not None:
+        return int(ours["layer"])
+    layer = _layer_from_hook(cfg)
+    return None if layer is None else int(layer)
+
+
+def load_checked_sae(folder: str | Path, layer: int | None = None, d_model: int | None = None,
+                     device: str | torch.device = "cpu", against: str = "the activation store",
+                     name: str | None = None) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """`load_sae` plus the checks every caller needs: the layer it was trained on and its width
+    (`d_model` of `against`: "the activation store" or "the model", for the message)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"SAE folder not found: {path}")
+    sae, cfg = load_sae(path, device=device)
+    name = name or str(path)
+    trained = trained_layer(cfg)
+    if layer is not None and trained is not None and trained != layer:
+        raise ValueError(f"SAE {name} was trained on layer {trained}, not layer {layer}")
+    if d_model is not None and sae.d_in != d_model:
+        raise ValueError(f"SAE {name} has d_in {sae.d_in} but {against} has d_model {d_model}")
+    return sae, cfg
+
+
+def _seed_of(folder: Path, cfg: dict[str, Any]) -> int | None:
+    seed = (cfg.get("refusal_sae") or {}).get("seed")
+    if seed is None and folder.name.startswith("seed_") and folder.name[5:].lstrip("-").isdigit():
+        seed = int(folder.name[5:])
+    return None if seed is None else int(seed)
+
+
+def seed_folders(run_dir: str | Path) -> dict[int, Path]:
+    """`{seed: folder}` of a training run (`RUN/seed_<s>/`), or of one exported SAE folder."""
     root = Path(run_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"SAE run folder not found: {root}")
-    found = sorted((int(p.name.split("_", 1)[1]), p) for p in root.glob("seed_*") if p.name.split("_", 1)[1].lstrip("-").isdigit())
+    if (root / CFG_NAME).is_file():  # one SAE folder, not a run
+        seed = _seed_of(root, read_json(root / CFG_NAME, "SAE config"))
+        return {0 if seed is None else seed: root}
+    found = {int(p.name[5:]): p for p in root.glob("seed_*") if p.name[5:].lstrip("-").isdigit()}
     if not found:
-        raise FileNotFoundError(f"no seed_<s>/ exports in {root}")
-    return {seed: load_sae(path, device)[0] for seed, path in found}
+        raise FileNotFoundError(f"no SAE in {root}: neither {CFG_NAME} nor seed_<s>/ exports")
+    return dict(sorted(found.items()))
+
+
+def load_sae_run(run_dir: str | Path, layer: int | None = None, d_model: int | None = None,
+                 seeds: Sequence[int] | None = None, device: str | torch.device = "cpu") -> dict[int, SparseAutoencoder]:
+    """`{seed: SAE in eval mode}` of a training run folder (`RUN/seed_<s>/`) or one SAE folder, each
+    checked against `layer` and `d_model` when given; `seeds` picks some (all must exist)."""
+    folders = seed_folders(run_dir)
+    if seeds is not None:
+        missing = sorted(set(seeds) - set(folders))
+        if missing:
+            raise ValueError(f"SAE run {run_dir} has seeds {sorted(folders)}, not {missing}")
+        folders = {s: folders[s] for s in seeds}
+    return {seed: load_checked_sae(path, layer, d_model, device, name=f"seed {seed}")[0]
+            for seed, path in folders.items()}

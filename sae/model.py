@@ -8,8 +8,8 @@ row-major latent directions make every sparse gather and weight gradient contigu
     z     = TopK / BatchTopK / ReLU / JumpReLU of pre
     x_hat = (z @ W_dec + b_dec) / s
 
-Training uses the sparse path (`kernels.topk_pre_acts` + `kernels.sparse_decode`), or after
-`use_fused_training()` the fused one (`sae/fused.py`: matrix gradients deferred to `FusedAdam`);
+Training encodes and decodes through `self.kernels`: the sparse path (`sae/kernels/csr.py`), or after
+`use_fused_training()` the fused one (`sae/kernels/fused.py`: matrix gradients deferred to `FusedAdam`);
 `encode`/`decode` give the dense `(batch, d_sae)` form for analysis. With normalize_input, latent values are in the
 scaled units until `fold_input_scale()` (done at export) turns them into raw-activation units.
 """
@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from sae.auxk import dead_latent_reconstruction
 from sae.config import SAEConfig
-from sae.fused import DeferredGrads, fused_decode, fused_topk
 from sae.initialization import geometric_median, input_scale_for
-from sae.kernels import compute_dtype_for, sparse_decode, topk_pre_acts
+from sae.kernels.csr import SPARSE_KERNELS, SparseKernels, compute_dtype_for
+from sae.kernels.fused import DeferredGrads, FusedKernels
 
 
 class ForwardOutput(NamedTuple):
@@ -95,12 +95,20 @@ class SparseAutoencoder(nn.Module):
         self.deferred: DeferredGrads | None = None  # set by use_fused_training()
 
     def use_fused_training(self, enabled: bool = True) -> None:
-        """Train on the fused path (`sae/fused.py`): matrix gradients are deferred to `FusedAdam`."""
+        """Train on the fused path (`sae/kernels/fused.py`): matrix gradients are deferred to `FusedAdam`."""
         self.deferred = DeferredGrads() if enabled else None
 
     @property
-    def _fused_now(self) -> bool:
-        return self.deferred is not None and self.training and torch.is_grad_enabled()
+    def kernels(self) -> SparseKernels | FusedKernels:
+        """The training primitives in use (top-k encode, sparse decode, weight rows): the fused ones
+        while training after `use_fused_training()`, the standard sparse ones otherwise."""
+        if self.deferred is not None and self.training and torch.is_grad_enabled():
+            return FusedKernels(self.deferred)
+        return SPARSE_KERNELS
+
+    def weight_rows(self, name: str, ids: Tensor) -> Tensor:
+        """`(n, d_in)` rows `ids` of "W_enc_rows" or "W_dec", differentiable on either path (AuxK)."""
+        return self.kernels.rows(self, name, ids)
 
     # ---- properties ---------------------------------------------------------------------------
     @property
@@ -125,7 +133,7 @@ class SparseAutoencoder(nn.Module):
         return self.W_enc_rows.dtype
 
     # ---- encoding -----------------------------------------------------------------------------
-    def _check_input(self, x: Tensor) -> None:
+    def check_input(self, x: Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"SAE input must have shape (batch, {self.d_in}), got {tuple(x.shape)}")
 
@@ -139,15 +147,15 @@ class SparseAutoencoder(nn.Module):
         """A reconstruction in scaled units → raw units (the inverse of `scale_input`)."""
         return y / self.input_scale.to(y.dtype) if self.cfg.normalize_input else y
 
-    def _encoder_input(self, x: Tensor) -> Tensor:
+    def encoder_input(self, x: Tensor) -> Tensor:
         """`(batch, d_in)` → scaled and (optionally) b_dec-centred encoder input."""
-        self._check_input(x)
+        self.check_input(x)
         x = self.scale_input(x)
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Dense encoder pre-activations `(batch, d_sae)`."""
-        x_in = self._encoder_input(x)
+        x_in = self.encoder_input(x)
         dtype = compute_dtype_for(x_in, self.dtype)
         return torch.addmm(self.b_enc.to(dtype), x_in.to(dtype), self.W_enc.to(dtype))
 
@@ -177,15 +185,7 @@ class SparseAutoencoder(nn.Module):
         if self._dense_path:
             return self._sparse_from_dense(self._dense_codes(x))
         per_row = self.cfg.k if arch == "topk" else min(self.d_sae, self.cfg.k * self.cfg.batchtopk_row_cap)
-        if self._fused_now:
-            assert self.deferred is not None
-            self._check_input(x)
-            w_rows = self.deferred.compute_weight("W_enc_rows", self.W_enc_rows, compute_dtype_for(x, self.dtype))
-            x_scaled = self.scale_input(x)
-            pre_values, indices = fused_topk(x_scaled, self.b_dec, self.b_enc, w_rows, per_row, self.deferred,
-                                             self.cfg.apply_b_dec_to_input)
-        else:
-            pre_values, indices = topk_pre_acts(self._encoder_input(x), self.W_enc_rows, self.b_enc, per_row)
+        pre_values, indices = self.kernels.topk(self, x, per_row)
         values = F.relu(pre_values)
         if arch == "batchtopk":
             values = self._batch_topk_mask(values)
@@ -221,12 +221,7 @@ class SparseAutoencoder(nn.Module):
     # ---- decoding -----------------------------------------------------------------------------
     def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
         """`(batch, n)` values / indices → `(batch, d_in)` reconstruction in raw units (float32)."""
-        if self._fused_now:  # the bias is added inside the fused gather
-            assert self.deferred is not None
-            w_dec = self.deferred.compute_weight("W_dec", self.W_dec, compute_dtype_for(values, self.dtype))
-            return self.unscale_output(fused_decode(values, indices, w_dec, self.b_dec, self.deferred))
-        decoded = sparse_decode(values, indices, self.W_dec)
-        return self.unscale_output(decoded + self.b_dec.to(decoded.dtype))
+        return self.unscale_output(self.kernels.decode(self, values, indices))
 
     def decode(self, z: Tensor) -> Tensor:
         """Dense codes `(batch, d_sae)` → `(batch, d_in)` reconstruction in raw units."""

@@ -5,20 +5,21 @@ one Adam optimizer (fused on CUDA) holds one parameter group per seed. Because t
 parameters, minimising the sum of their losses is the same as training each alone.
 Each step: forward + loss terms per seed → backward → remove the gradient component parallel to
 each decoder row → Adam → renormalise decoder rows. No host syncs except at logging intervals.
-On one CUDA device the fused path (`sae/fused.py`) does the last three in one pass per matrix.
+On one CUDA device the fused path (`sae/kernels/fused.py`) does the last three in one pass per matrix.
 With several devices, Lightning's DDP replicates all seeds on every rank and averages gradients;
 the data module gives each rank its own slice of the global batch. With the `seed_parallel`
 strategy (`sae/seed_parallel.py`) each rank instead trains its own seeds on the whole batch.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from sae.config import SAEConfig, default_lr
+from sae.config import OptimConfig, SAEConfig, as_config, default_lr
 from sae.losses import TERM_NAMES, NonFiniteMonitor, check_finite
 from sae.model import SparseAutoencoder
 from sae.seed_parallel import (
@@ -33,65 +34,32 @@ class SAELightningModule(pl.LightningModule):
     """Trains `len(seeds)` SAEs of the same configuration in one process.
 
     Args:
-        sae: the SAE configuration (shared by every seed).
+        sae: the SAE configuration (shared by every seed; d_in must be set).
         seeds: one SAE per seed; the seed sets its weight initialisation.
-        lr: Adam learning rate (None = 2e-4 / sqrt(d_sae / 2**14), Gao et al. 2024).
-        lr_warmup_steps: linear warm-up length.
-        lr_decay_frac: linear decay to 0 over this final fraction of `trainer.max_steps`.
-        adam_betas, adam_eps: Adam settings.
-        init_b_dec: "geometric_median" (Weiszfeld on a data sample), "mean" or "zeros".
-        check_finite_every_step: check the loss terms for NaN/inf every step (a host sync);
-            otherwise they are checked at every logging interval and at the end, and the error
-            still names the first bad step.
-        fused: train on the fused path (`sae/fused.py`, `FusedAdam`); None = where it is supported
-            (a CUDA device with Triton, one process). Same updates as the standard path, faster.
-        exp_avg_dtype: first-moment dtype of the fused path's matrices ("bfloat16" moves fewer bytes).
+        optim: Adam, schedule and training path (`sae.config.OptimConfig`; a dict of its fields works too).
     """
 
-    def __init__(
-        self,
-        sae: SAEConfig,
-        seeds: list[int] | None = None,
-        lr: float | None = None,
-        lr_warmup_steps: int = 100,
-        lr_decay_frac: float = 0.0,
-        adam_betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 6.25e-10,
-        init_b_dec: Literal["geometric_median", "mean", "zeros"] = "geometric_median",
-        check_finite_every_step: bool = False,
-        fused: bool | None = None,
-        exp_avg_dtype: Literal["float32", "bfloat16"] = "float32",
-    ) -> None:
+    def __init__(self, sae: SAEConfig | dict, seeds: list[int] | None = None,
+                 optim: OptimConfig | dict | None = None) -> None:
         super().__init__()
         cfg = SAEConfig.from_dict(sae) if isinstance(sae, dict) else sae
+        opt = as_config(optim, OptimConfig)
         seeds = [0] if seeds is None else [int(s) for s in seeds]
         if not seeds or len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must be a non-empty list of distinct integers, got {seeds}")
         if not cfg.trainable:
             raise ValueError(f"architecture {cfg.architecture!r} can be loaded but not trained; use topk or batchtopk")
-        if lr is not None and not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not 0.0 <= lr_decay_frac < 1.0:
-            raise ValueError(f"lr_decay_frac must be in [0, 1), got {lr_decay_frac}")
-        if exp_avg_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"exp_avg_dtype must be float32 or bfloat16, got {exp_avg_dtype!r}")
-        if init_b_dec not in ("geometric_median", "mean", "zeros"):
-            raise ValueError(f"unknown init_b_dec {init_b_dec!r}; expected geometric_median, mean or zeros")
+        if cfg.d_in is None:
+            raise ValueError("the SAE's d_in is not set (SAEConfig.for_input(store d_model))")
         # plain types only, so checkpoints load with torch.load(weights_only=True)
-        self.save_hyperparameters(
-            {
-                "sae": cfg.to_dict(), "seeds": seeds, "lr": lr, "lr_warmup_steps": lr_warmup_steps,
-                "lr_decay_frac": lr_decay_frac, "adam_betas": list(adam_betas), "adam_eps": adam_eps,
-                "init_b_dec": init_b_dec, "check_finite_every_step": check_finite_every_step,
-                "fused": fused, "exp_avg_dtype": exp_avg_dtype,
-            }
-        )
-        self.cfg, self.seeds = cfg, seeds
-        self.lr = lr if lr is not None else default_lr(cfg.num_latents)
-        self.lr_warmup_steps, self.lr_decay_frac = lr_warmup_steps, lr_decay_frac
-        self.adam_betas, self.adam_eps = (float(adam_betas[0]), float(adam_betas[1])), adam_eps
-        self.init_b_dec, self.check_finite_every_step = init_b_dec, check_finite_every_step
-        self.fused_request, self.exp_avg_dtype = fused, getattr(torch, exp_avg_dtype)
+        self.save_hyperparameters({"sae": cfg.to_dict(), "seeds": seeds,
+                                   "optim": {**asdict(opt), "adam_betas": list(opt.adam_betas)}})
+        self.cfg, self.seeds, self.optim_cfg = cfg, seeds, opt
+        self.lr = opt.lr if opt.lr is not None else default_lr(cfg.num_latents)
+        self.lr_warmup_steps, self.lr_decay_frac = opt.lr_warmup_steps, opt.lr_decay_frac
+        self.adam_betas, self.adam_eps = opt.adam_betas, opt.adam_eps
+        self.init_b_dec, self.check_finite_every_step = opt.init_b_dec, opt.check_finite_every_step
+        self.fused_request, self.exp_avg_dtype = opt.fused, getattr(torch, opt.exp_avg_dtype)
         self.fused = False  # decided in configure_optimizers, once the device is known
         self.saes = nn.ModuleList([SparseAutoencoder(cfg, seed=s) for s in seeds])
         self.trackers = nn.ModuleList([LatentTracker(cfg.num_latents, cfg.dead_tokens_threshold) for _ in seeds])

@@ -3,7 +3,7 @@
 One step for one seed: forward (with the dead-latent mask when AuxK is on) → loss terms → tracker
 update. `BareTrainer` adds backward, parallel-gradient removal, Adam and decoder renormalisation
 for several seeds without Lightning; `SAELightningModule` does the same inside `Trainer.fit`.
-With `fused=True` the last three happen inside `FusedAdam` (`sae/fused.py` explains the path).
+With `fused=True` the last three happen inside `FusedAdam` (`sae/kernels/fused.py` explains the path).
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from sae import triton_kernels
+from sae.kernels import triton as triton_kernels
 from sae.config import SAEConfig, default_lr
-from sae.fused_adam import FusedAdam
+from sae.kernels.adam import FusedAdam
 from sae.losses import LossTerms, compute_loss_terms
 from sae.model import ForwardOutput, SparseAutoencoder
 from sae.tracking import LatentTracker

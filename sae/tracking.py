@@ -126,17 +126,6 @@ def density_histogram(density: np.ndarray, bins: int = 40, floor: float = 1e-8) 
     return np.histogram(logs, bins=bins, range=(math.log10(floor), 0.0))
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson 95% score interval of a proportion, float64."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 @torch.no_grad()
 def evaluate_sae(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> dict[str, float]:
     """Inference-mode metrics over batches `(batch, d_in)`, accumulated in float64.

@@ -3,20 +3,16 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sae.callbacks import RunExport
-from sae.config import SAEConfig
+from sae.config import LOGGERS, TrainConfig
 from sae.data import ShardDataModule
 from sae.module import SAELightningModule
-
-LOGGERS = ("csv", "wandb")
-
 
 class FinalCheckpoint(pl.Callback):
     """Writes `RUN/ckpt/last.ckpt` when training ends (periodic saves may not fall on the last step)."""
@@ -92,56 +88,47 @@ def fit(trainer: pl.Trainer, module: SAELightningModule, datamodule: ShardDataMo
     return out_dir
 
 
+TRAINER_OWNED = ("max_steps", "logger", "callbacks", "default_root_dir", "log_every_n_steps",
+                 "enable_model_summary", "num_sanity_val_steps", "limit_val_batches")
+"""Trainer arguments the train stage sets itself (from `TrainConfig` and the run folder)."""
+
+
 def train_saes(
     shards_dir: str | Path,
     layer: int,
     out_dir: str | Path,
-    seeds: list[int],
-    cfg: SAEConfig,
-    max_steps: int,
-    batch_size: int,
-    lr: float | None = None,
-    split: str | list[str] | None = "extract",
-    accelerator: str = "auto",
-    devices: int | str = 1,
-    strategy: str = "auto",
-    logger: Literal["csv", "wandb"] = "csv",
-    precision: str = "32-true",
-    ckpt_every: int = 500,
-    log_every_n_steps: int = 50,
+    cfg: TrainConfig,
+    trainer: dict[str, Any] | None = None,
     ckpt_path: str | None = None,
-    data_kwargs: dict[str, Any] | None = None,
-    module_kwargs: dict[str, Any] | None = None,
     print_table: bool = True,
     enable_progress_bar: bool | None = None,
 ) -> Path:
-    """Train one SAE per seed on `layer` of the activation store and export them to `out_dir`.
+    """Train one SAE per seed of `cfg` on `layer` of the activation store and export them to `out_dir`.
 
-    Returns `out_dir`, which then holds `seed_<s>/` SAELens exports, `metrics.json`, CSV logs and
-    `ckpt/last.ckpt` (pass `ckpt_path="last"` to resume a killed run exactly).
+    `trainer`: further `lightning.Trainer` arguments (accelerator, devices, strategy, precision, ...);
+    the ones in `TRAINER_OWNED` come from `cfg` and may not be given. Returns `out_dir`, which then
+    holds `seed_<s>/` SAELens exports, `metrics.json`, CSV logs and `ckpt/last.ckpt` (pass
+    `ckpt_path="last"` to resume a killed run exactly).
     """
-    if max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    trainer_kwargs = dict(trainer or {})
+    owned = sorted(set(trainer_kwargs) & set(TRAINER_OWNED))
+    if owned:
+        raise ValueError(f"trainer argument {owned[0]!r} is set by the train config, not passed to the Trainer")
     quiet_known_warnings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    datamodule = ShardDataModule(str(shards_dir), layer, split=split, batch_size=batch_size, **(data_kwargs or {}))
-    if datamodule.d_model != cfg.d_in:
-        raise ValueError(f"SAE d_in={cfg.d_in} does not match the activation store's d_model={datamodule.d_model} ({shards_dir})")
-    module = SAELightningModule(replace(cfg), seeds=list(seeds), lr=lr, **(module_kwargs or {}))
-    trainer = pl.Trainer(
-        max_steps=max_steps,
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        precision=precision,  # type: ignore[arg-type]
-        logger=make_loggers(out, logger),
-        callbacks=run_callbacks(out, layer, ckpt_every, print_table=print_table),
-        log_every_n_steps=log_every_n_steps,
+    datamodule = ShardDataModule(str(shards_dir), layer, cfg.data)
+    module = SAELightningModule(cfg.sae.for_input(datamodule.d_model), seeds=list(cfg.seeds), optim=cfg.optim)
+    pl_trainer = pl.Trainer(
+        max_steps=cfg.steps,
+        logger=make_loggers(out, cfg.logger, cfg.wandb_project),
+        callbacks=run_callbacks(out, layer, cfg.ckpt_every, print_table=print_table),
+        log_every_n_steps=cfg.log_every_n_steps,
         default_root_dir=str(out),
         enable_progress_bar=enable_progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        **trainer_kwargs,
     )
-    return fit(trainer, module, datamodule, out, ckpt_path)
+    return fit(pl_trainer, module, datamodule, out, ckpt_path)

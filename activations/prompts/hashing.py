@@ -1,29 +1,17 @@
-"""Deterministic hashes: split assignment, file checksums and record-set checksums."""
+"""Deterministic hashes: split assignment and record-set checksums (file checksums: `activations.io`)."""
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Iterable
 
 from activations.records import PromptRecord
-
-_CHUNK_BYTES = 1 << 20
 
 
 def unit_interval(seed: int, key: str) -> float:
     """Map `sha256(f"{seed}:{key}")` to a float in [0, 1) (first 8 bytes, big-endian / 2**64)."""
     digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def records_sha256(records: Iterable[PromptRecord]) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from activations.atomic import write_json_atomic
+from activations.io import write_json
 from activations.records import CATEGORIES, SPLITS, PromptRecord
 from activations.prompts.hashing import records_sha256
 
@@ -126,7 +126,7 @@ class PromptSet:
     def write_manifest(self, path: str | os.PathLike) -> Path:
         """Write `manifest()` as indented JSON, atomically (temp file in the same folder + os.replace)."""
         target = Path(path)
-        return write_json_atomic(target, self.manifest(), ensure_ascii=False)
+        return write_json(target, self.manifest())
 
 
 def _check_names(what: str, names: Iterable[str] | None, allowed: tuple[str, ...]) -> set[str] | None:

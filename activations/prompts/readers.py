@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from activations.jsonio import iter_jsonl_text
-from activations.prompts.hashing import file_sha256
+from activations.io import iter_jsonl_text
+from activations.io import file_sha256
 from activations.prompts.spec import SourceSpec
 
 Row = dict[str, Any]

@@ -12,7 +12,8 @@ from typing import Callable
 
 from activations.records import CATEGORIES, PromptRecord
 from activations.prompts import benchmarks
-from activations.prompts.hashing import file_sha256, records_sha256
+from activations.io import file_sha256
+from activations.prompts.hashing import records_sha256
 from activations.prompts.readers import parse_jsonl, read_file_rows, require_file
 from activations.prompts.rows import RawSource, check_unique_ids, make_record, optional_field, prefixed_id, require_field
 from activations.prompts.selection import take_first, take_per_category

@@ -1,0 +1,256 @@
+"""Read an activation shard store (schema version 1, see docs/shards.md).
+
+`ActivationStore(dir)` checks the manifest against the files (existence and byte size always, sha256
+with `verify=True`), then serves float32 activation rows of one layer, optionally filtered by split
+and category, either all at once (`load`) or in fixed-size chunks read shard by shard (`iter_chunks`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from activations.records import CATEGORIES, SPLITS
+from activations.io import file_sha256
+from activations.store.format import (
+    BF16_ATTR,
+    META_FIELDS,
+    STRING_FIELDS,
+    RowMeta,
+    decode_rows,
+    layer_key,
+    read_manifest,
+)
+
+
+def open_shard(path: Path) -> h5py.File:
+    """Open a shard read-only; an unreadable HDF5 file becomes a ValueError naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"activation shard missing: {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise ValueError(f"activation shard {path} is corrupt or truncated ({exc})") from None
+
+
+def read_shard_meta(path: Path, expected_rows: int | None = None) -> RowMeta:
+    """All row metadata of one shard; checks every column has `expected_rows` rows."""
+    with open_shard(path) as f:
+        columns: dict[str, np.ndarray] = {}
+        for name in META_FIELDS:
+            if name not in f:
+                raise ValueError(f"activation shard {path} lacks the dataset {name!r}")
+            ds = f[name]
+            columns[name] = np.asarray(ds.asstr()[...], dtype=object) if name in STRING_FIELDS else ds[...]
+            if expected_rows is not None and len(columns[name]) != expected_rows:
+                raise ValueError(
+                    f"activation shard {path} has {len(columns[name])} rows in {name!r}; "
+                    f"the manifest says {expected_rows}"
+                )
+    return RowMeta(**columns)
+
+
+def _as_tuple(value: str | Sequence[str] | None, allowed: Sequence[str], what: str) -> tuple[str, ...] | None:
+    """Normalise a filter argument and reject names outside the vocabulary."""
+    if value is None:
+        return None
+    names = (value,) if isinstance(value, str) else tuple(value)
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown[0]!r}; expected one of {', '.join(allowed)}")
+    return names
+
+
+class ActivationStore:
+    """Read-only view of `DIR/manifest.json` + `DIR/shard-*.h5`.
+
+    Args:
+        directory: the store folder.
+        verify: also recompute every shard's sha256 (reads all bytes once).
+    """
+
+    def __init__(self, directory: str | Path, verify: bool = False) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"activation store folder not found: {self.directory}")
+        self.manifest: dict[str, Any] = read_manifest(self.directory)
+        self._shards: list[dict[str, Any]] = list(self.manifest["shards"])
+        self._meta_cache: dict[int, RowMeta] = {}
+        for entry in self._shards:
+            self._check_shard_file(entry, verify)
+
+    def _check_shard_file(self, entry: dict[str, Any], verify: bool) -> None:
+        path = self.directory / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"activation shard missing: {path} (listed in {self.directory}/manifest.json)")
+        size = path.stat().st_size
+        if "bytes" in entry and size != entry["bytes"]:
+            raise ValueError(f"activation shard {path} is {size} bytes, the manifest says {entry['bytes']} (truncated?)")
+        if verify and file_sha256(path) != entry["sha256"]:
+            raise ValueError(f"activation shard {path} fails its sha256 checksum")
+
+    # ---- description -------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        """Layers stored (block indices; layer l == hidden_states[l+1])."""
+        return list(self.manifest["layers"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype name: float32, float16 or bfloat16."""
+        return str(self.manifest["dtype"])
+
+    @property
+    def positions(self) -> str:
+        """`last` (one row per prompt) or `all` (one row per prompt token)."""
+        return str(self.manifest["positions"])
+
+    @property
+    def n_rows(self) -> int:
+        return int(sum(entry["rows"] for entry in self._shards))
+
+    @property
+    def complete(self) -> bool:
+        """True when the harvest that wrote the store finished."""
+        return bool(self.manifest.get("complete", False))
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivationStore({str(self.directory)!r}, rows={self.n_rows}, layers={self.layers}, "
+            f"d_model={self.d_model}, dtype={self.dtype}, positions={self.positions})"
+        )
+
+    # ---- metadata ----------------------------------------------------------------------------
+    def _shard_meta(self, index: int) -> RowMeta:
+        if index not in self._meta_cache:
+            entry = self._shards[index]
+            self._meta_cache[index] = read_shard_meta(self.directory / entry["file"], entry["rows"])
+        return self._meta_cache[index]
+
+    def _masks(self, split: str | Sequence[str] | None, categories: Sequence[str] | None) -> Iterator[tuple[int, np.ndarray | None]]:
+        """Per shard: its index and a boolean row mask (None = every row)."""
+        splits = _as_tuple(split, SPLITS, "split")
+        cats = _as_tuple(categories, CATEGORIES, "category")
+        for index in range(len(self._shards)):
+            if splits is None and cats is None:
+                yield index, None
+                continue
+            meta = self._shard_meta(index)
+            mask = np.ones(len(meta), dtype=bool)
+            if splits is not None:
+                mask &= np.isin(meta.split, splits)
+            if cats is not None:
+                mask &= np.isin(meta.category, cats)
+            yield index, mask
+
+    def meta(self, split: str | Sequence[str] | None = None, categories: Sequence[str] | None = None) -> RowMeta:
+        """Row metadata (no activations) of the selected rows, in store order."""
+        parts = []
+        for index, mask in self._masks(split, categories):
+            meta = self._shard_meta(index)
+            parts.append(meta if mask is None else meta.select(mask))
+        return RowMeta.concat(parts)
+
+    # ---- activations -------------------------------------------------------------------------
+    def _dataset(self, f: h5py.File, layer: int, index: int) -> h5py.Dataset:
+        key = layer_key(layer)
+        path = self.directory / self._shards[index]["file"]
+        if key not in f:
+            raise ValueError(f"activation shard {path} lacks the dataset {key!r}")
+        ds = f[key]
+        if ds.shape != (self._shards[index]["rows"], self.d_model):
+            raise ValueError(
+                f"activation shard {path}: {key} has shape {ds.shape}, expected "
+                f"({self._shards[index]['rows']}, {self.d_model})"
+            )
+        return ds
+
+    def _check_layer(self, layer: int) -> None:
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} is not in the store {self.directory}; available layers: {self.layers}")
+
+    def load(
+        self,
+        layer: int,
+        split: str | Sequence[str] | None = None,
+        categories: Sequence[str] | None = None,
+    ) -> tuple[np.ndarray, RowMeta]:
+        """All selected rows of `layer` as float32 `(n, d_model)` plus their `RowMeta`."""
+        self._check_layer(layer)
+        selections = list(self._masks(split, categories))
+        counts = [self._shards[i]["rows"] if m is None else int(m.sum()) for i, m in selections]
+        out = np.empty((sum(counts), self.d_model), dtype=np.float32)
+        metas: list[RowMeta] = []
+        at = 0
+        for (index, mask), count in zip(selections, counts):
+            if count == 0:
+                continue
+            with open_shard(self.directory / self._shards[index]["file"]) as f:
+                ds = self._dataset(f, layer, index)
+                encoding = ds.attrs.get(BF16_ATTR)
+                if mask is None:
+                    out[at : at + count] = decode_rows(ds[...], encoding)
+                else:
+                    rows = np.flatnonzero(mask)
+                    lo, hi = int(rows[0]), int(rows[-1]) + 1
+                    out[at : at + count] = decode_rows(ds[lo:hi], encoding)[mask[lo:hi]]
+            meta = self._shard_meta(index)
+            metas.append(meta if mask is None else meta.select(mask))
+            at += count
+        return out, RowMeta.concat(metas)
+
+    def _pieces(
+        self, layer: int, split: str | Sequence[str] | None, categories: Sequence[str] | None, window: int
+    ) -> Iterator[tuple[np.ndarray, RowMeta]]:
+        """Selected rows in store order, read `window` stored rows at a time."""
+        for index, mask in self._masks(split, categories):
+            rows = self._shards[index]["rows"]
+            if rows == 0 or (mask is not None and not mask.any()):
+                continue
+            with open_shard(self.directory / self._shards[index]["file"]) as f:
+                ds = self._dataset(f, layer, index)
+                encoding = ds.attrs.get(BF16_ATTR)
+                for lo in range(0, rows, window):
+                    hi = min(lo + window, rows)
+                    keep = slice(None) if mask is None else mask[lo:hi]
+                    if mask is not None and not keep.any():
+                        continue
+                    block = decode_rows(ds[lo:hi], encoding)
+                    yield block[keep], self._shard_meta(index).select(slice(lo, hi)).select(keep)
+
+    def iter_chunks(
+        self,
+        layer: int,
+        split: str | Sequence[str] | None = None,
+        categories: Sequence[str] | None = None,
+        chunk_rows: int = 65536,
+    ) -> Iterator[tuple[np.ndarray, RowMeta]]:
+        """Yield `(float32 (m, d_model), RowMeta)` with m == chunk_rows except for the last chunk.
+
+        Reads contiguous row ranges shard by shard, so memory stays near `2 * chunk_rows` rows;
+        concatenating the chunks gives exactly `load(layer, split, categories)`.
+        """
+        self._check_layer(layer)
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        pending: list[tuple[np.ndarray, RowMeta]] = []
+        pending_rows = 0
+        for block, meta in self._pieces(layer, split, categories, chunk_rows):
+            pending.append((block, meta))
+            pending_rows += len(block)
+            while pending_rows >= chunk_rows:
+                x = np.concatenate([b for b, _ in pending]) if len(pending) > 1 else pending[0][0]
+                m = RowMeta.concat([mm for _, mm in pending]) if len(pending) > 1 else pending[0][1]
+                yield x[:chunk_rows], m.select(slice(0, chunk_rows))
+                rest = len(x) - chunk_rows
+                pending = [(x[chunk_rows:], m.select(slice(chunk_rows, None)))] if rest else []
+                pending_rows = rest
+        if pending_rows:
+            yield np.concatenate([b for b, _ in pending]), RowMeta.concat([m for _, m in pending])

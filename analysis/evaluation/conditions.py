@@ -1,0 +1,122 @@
+"""Refusal under an intervention: run the refusal-token evaluation with per-row steering plans.
+
+A *plan* is what each row of the evaluation gets: a steering vector `(n, d_model)` (or one shared
+`(d_model,)`) and a signed strength `(n,)`. Unconditional conditions give every row the same plan;
+gates give each row its own, from the gate's decision on that row's unsteered activations (never
+its label). Plans are applied batch by batch through `analysis.interventions.steering.steer`, i.e. the one hook
+mechanism, on every position (prompt and generated) unless `positions="generated"`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from activations.adapter import ModelAdapter
+from activations.records import BENIGN, CONTRAST, REFUSAL_CATEGORIES, PromptRecord
+from analysis.evaluation.refusal import RefusalResult, evaluate_refusal, summarise_refusal
+from analysis.interventions.steering import steer
+
+
+@dataclass
+class EvalSetup:
+    """The model under evaluation and how it is steered."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    spec: Any  # probes.refusal_tokens.RefusalTokenSpec
+    layer: int
+    positions: str = "all"
+    batch_size: int = 32
+    max_length: int = 256
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return ModelAdapter(self.model)
+
+
+@dataclass
+class Plan:
+    """Per-row steering: `vectors` (n, d_model) or (d_model,), signed `alphas` (n,)."""
+
+    vectors: np.ndarray
+    alphas: np.ndarray
+
+    @staticmethod
+    def uniform(vector: np.ndarray, alpha: float, n: int) -> "Plan":
+        return Plan(np.asarray(vector, dtype=np.float32), np.full(n, float(alpha), dtype=np.float32))
+
+    def context(self, setup: EvalSetup) -> Callable[[np.ndarray], AbstractContextManager]:
+        """`make_context(rows)` for `evaluate_refusal`: steer the batch's rows by their plan."""
+        adapter = setup.adapter
+        device = adapter.device
+
+        def make(rows: np.ndarray) -> AbstractContextManager:
+            alphas = torch.as_tensor(self.alphas[rows], device=device)
+            if not bool((alphas != 0).any()):
+                return nullcontext()
+            vecs = self.vectors if self.vectors.ndim == 1 else self.vectors[rows]
+            vecs = torch.as_tensor(vecs, device=device, dtype=adapter.dtype)
+            return steer(adapter, setup.layer, vecs, alphas.to(adapter.dtype), positions=setup.positions)
+
+        return make
+
+
+def plan_from_decisions(
+    decisions: Sequence[Any], category_vectors: Mapping[str, np.ndarray], d_model: int
+) -> Plan:
+    """Turn gate decisions (objects with `.category`, `.signed_strength`) into a per-row plan.
+
+    Category "none" (or a category without a vector) gets strength 0; "global" uses the vector named
+    "global". A decision to steer *away* subtracts that category's vector.
+    """
+    n = len(decisions)
+    vectors = np.zeros((n, d_model), dtype=np.float32)
+    alphas = np.zeros(n, dtype=np.float32)
+    for i, decision in enumerate(decisions):
+        vector = category_vectors.get(decision.category)
+        if vector is None or decision.signed_strength == 0:
+            continue
+        vectors[i] = vector
+        alphas[i] = decision.signed_strength
+    return Plan(vectors, alphas)
+
+
+def run_refusal(
+    setup: EvalSetup,
+    records: Sequence[PromptRecord],
+    plan: Plan | None = None,
+    context: Callable[[np.ndarray], AbstractContextManager] | None = None,
+    progress: bool = False,
+) -> list[RefusalResult]:
+    """Refusal-token evaluation of `records` under `plan` (steering) or `context` (e.g. ablation)."""
+    if plan is not None and context is not None:
+        raise ValueError("give a steering plan or a context, not both")
+    make_context = plan.context(setup) if plan is not None else context
+    return evaluate_refusal(
+        setup.model, setup.tokenizer, records, spec=setup.spec, make_context=make_context,
+        batch_size=setup.batch_size, max_length=setup.max_length, progress=progress,
+    )
+
+
+def refusal_table(results: Sequence[RefusalResult]) -> dict[str, dict[str, Any]]:
+    """Flat `{set: {rate, ci, n}}`: each category present, plus `over_refusal` and `harmful_refusal`."""
+    summary = summarise_refusal(results, groups=["category", "over_refusal", "harmful_refusal"])
+    table = dict(summary["category"])
+    table["over_refusal"] = summary["over_refusal"]["all"]
+    table["harmful_refusal"] = summary["harmful_refusal"]["all"]
+    return table
+
+
+def rates_of(results: Sequence[RefusalResult]) -> tuple[float, float]:
+    """(over-refusal rate, harmful refusal rate) of a result list, for gate tuning objectives."""
+    refused = np.array([r.refused for r in results])
+    cats = np.array([r.category for r in results])
+    over = np.isin(cats, [BENIGN, CONTRAST])
+    harm = np.isin(cats, list(REFUSAL_CATEGORIES))
+    return float(refused[over].mean()) if over.any() else 0.0, float(refused[harm].mean()) if harm.any() else 0.0
+

@@ -1,0 +1,114 @@
+"""Assemble `summary.json` (schema in `analysis.reporting.summary`) and `report.html` from a run's stage outputs."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from activations.io import read_json, write_json
+from analysis.reporting.report import ReportExtras, write_report
+from analysis.reporting.summary import SCHEMA_VERSION, validate_summary
+from analysis.stages.analyze import analysis_path
+from analysis.stages.context import RunContext
+from analysis.stages.evaluate import results_path
+from analysis.stages.prompts import manifest_path
+from analysis.stages.select import REPORT_NAME as SELECT_REPORT
+from analysis.stages.select import selection_dir
+from analysis.stages.train import NAME as TRAIN
+from probes.selection import read_features
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return read_json(path, path.name)
+
+
+def _value_entry(entry: dict[str, Any], key: str) -> dict[str, Any]:
+    return {"value": entry[key], "ci": entry["ci"], "n": entry["n"]}
+
+
+def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: float) -> dict[str, Any]:
+    """summary.json contents from the stage outputs of the run."""
+    prompts = _read(manifest_path(ctx))
+    sae_metrics = _read(ctx.stage_dir(TRAIN) / "metrics.json")["seeds"]
+    select = _read(selection_dir(ctx, "sae") / SELECT_REPORT)
+    reference = f"seed_{select['reference_seed']}"
+    probe_eval = select["runs"][reference]["probe_eval"]
+    residual_eval = _read(selection_dir(ctx, "residual") / SELECT_REPORT)["runs"]["residual"]["probe_eval"]
+    results = _read(results_path(ctx))
+    analysis = _read(analysis_path(ctx))
+    stability = analysis["stability"]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": ctx.cfg.model,
+        "target_model": ctx.target_model_path,
+        "layers": ctx.layers(),
+        "primary_layer": ctx.layer,
+        "seeds": list(ctx.cfg.train.seeds),
+        "splits": {name: {"n": s["n"], "sha256": s["sha256"], "categories": s["categories"]}
+                   for name, s in prompts["splits"].items()},
+        "sae": {str(seed): {k: m[k] for k in ("fvu", "l0", "dead_fraction")} for seed, m in sae_metrics.items()},
+        "probe": {
+            "space": f"sae latents, {reference}",
+            "accuracy": {"value": probe_eval["accuracy"]["rate"], "ci": probe_eval["accuracy"]["ci"],
+                         "n": probe_eval["accuracy"]["n"]},
+            "macro_f1": {k: probe_eval["macro_f1"][k] for k in ("value", "ci", "n")},
+            "residual_accuracy": {"value": residual_eval["accuracy"]["rate"], "ci": residual_eval["accuracy"]["ci"],
+                                  "n": residual_eval["accuracy"]["n"]},
+            "residual_macro_f1": {k: residual_eval["macro_f1"][k] for k in ("value", "ci", "n")},
+        },
+        "stability": {"matched_cosine_mean": stability.get("matched_cosine_mean"),
+                      "feature_jaccard": stability.get("feature_jaccard", {})},
+        "geometry": {space: {k: m[k] for k in ("silhouette", "davies_bouldin", "calinski_harabasz")}
+                     for space, m in analysis["geometry"]["metrics"].items()},
+        "refusal": results["refusal"],
+        "capability": {cond: {task: {k: e[k] for k in ("score", "ci", "n")} for task, e in tasks.items()}
+                       for cond, tasks in results["capability"].items()},
+        "steering": {"layer": results["layer"], "alpha": results["alpha"], "positions": results["positions"]},
+        "timings_seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(wall_seconds, 1)},
+    }
+
+
+def _features_for_report(ctx: RunContext) -> dict[str, list[dict[str, Any]]]:
+    select = read_features(selection_dir(ctx, "sae"), layer=ctx.layer)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for category, entry in select["per_class"].items():
+        freqs = entry.get("selection_frequency") or [None] * len(entry["feature_ids"])
+        rows[category] = [
+            {"feature": fid, "weight": w, "selection_frequency": f,
+             "activation_frequency": {c: v[i] for c, v in entry["activation_frequency"].items()}}
+            for i, (fid, w, f) in enumerate(zip(entry["feature_ids"], entry["weights"], freqs))
+        ]
+    return rows
+
+
+def write_outputs(ctx: RunContext, timings: dict[str, float], wall_seconds: float,
+                  curves: dict[int, dict[str, list[float]]]) -> dict[str, Any]:
+    """Write summary.json (validated) and report.html; return the summary."""
+    summary = build_summary(ctx, timings, wall_seconds)
+    eval_counts = {c: n for c, n in summary["splits"]["eval"]["categories"].items()}
+    problems = validate_summary(summary, eval_counts)
+    if problems:
+        raise ValueError(f"summary failed validation ({len(problems)} problem(s)); first: {problems[0]}")
+    write_json(ctx.root / "summary.json", summary)
+    results = _read(results_path(ctx))
+    analysis = _read(analysis_path(ctx))
+    seed_table = [{"seed": seed, **summary["sae"][seed],
+                   "ablate_harmful_refusal": results["ablate_by_seed"][seed]["harmful_refusal"]["rate"],
+                   "ablate_over_refusal": results["ablate_by_seed"][seed]["over_refusal"]["rate"]}
+                  for seed in summary["sae"] if seed in results["ablate_by_seed"]]
+    extras = ReportExtras(
+        config=ctx.cfg.to_dict(),
+        split_manifest=_read(manifest_path(ctx)),
+        training_curves=curves or None,
+        features=_features_for_report(ctx),
+        tradeoff_points=results["sweep"],
+        embedding_pngs={k: Path(v) for k, v in analysis["geometry"]["pngs"].items()},
+        seed_table=seed_table,
+        notes=[f"{stage}: {seconds:.1f} s" for stage, seconds in summary["timings_seconds"].items()]
+        + [f"model diffing (base vs refusal-token model): {json.dumps(analysis['diffing'])[:600]}"],
+        per_category_vectors={c: v["decided_category"] for c, v in results["sufficiency"].items()},
+    )
+    write_report(ctx.root, summary, extras)
+    return summary

@@ -1,0 +1,177 @@
+"""Report sections built from `summary.json` (plus the extras that belong next to them).
+
+Each function returns a `Section` (or None when it has nothing to show). Row/column orders are
+fixed: conditions in `analysis.reporting.summary.REQUIRED_CONDITIONS` order, categories in
+`activations.records.CATEGORIES` order, anything else after them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from activations.records import REFUSAL_CATEGORIES
+from analysis.reporting.plots import ordered_labels, plot_rate_bars, plot_training_curves, png_to_data_uri
+from analysis.reporting.html import (
+    FigureMaker, Section, esc, figure, key_values, rate_cell, row_header, table, value_cell, yaml_block,
+)
+from analysis.reporting.summary import REQUIRED_CONDITIONS, REQUIRED_KEYS
+
+GEOMETRY_DIRECTION = {"silhouette": "↑ higher is better", "davies_bouldin": "↓ lower is better",
+                      "calinski_harabasz": "↑ higher is better"}
+
+STABILITY_LABELS = {"matched_cosine_mean": "matched decoder cosine (mean over seed pairs)"}
+
+
+def _conditions(table_by_condition: Mapping[str, Any]) -> list[str]:
+    """Condition names: the required ones in their fixed order, then the others as given."""
+    known = [c for c in REQUIRED_CONDITIONS if c in table_by_condition]
+    return known + [c for c in table_by_condition if c not in REQUIRED_CONDITIONS]
+
+
+def _seed_order(keys: Sequence[Any]) -> list[Any]:
+    """Seeds sorted numerically when they look like integers (JSON turns int keys into strings)."""
+    return sorted(keys, key=lambda k: (0, int(k), "") if str(k).lstrip("-").isdigit() else (1, 0, str(k)))
+
+
+def _short_hash(digest: Any) -> str:
+    text = str(digest or "")
+    return f'<td><code title="{esc(text)}">{esc(text[:12])}</code></td>' if text else "<td>—</td>"
+
+
+def splits_section(splits: Mapping[str, Any], manifest: Mapping[str, Any] | None) -> Section:
+    """Per split: n, per-category counts and the sha256 of its records; the prompt manifest if given."""
+    categories = ordered_labels([c for s in splits.values() for c in s.get("categories", {})])
+    rows = [[row_header(name), value_cell(s.get("n"))]
+            + [value_cell(s.get("categories", {}).get(c, 0)) for c in categories] + [_short_hash(s.get("sha256"))]
+            for name, s in splits.items()]
+    body = [table(["split", "n", *categories, "sha256"], rows,
+                  "Fit on extract, tune on calibrate, report on eval (disjoint by construction).")]
+    if manifest:
+        body.append(_manifest_html(splits, manifest))
+    return Section("splits", "\n".join(body))
+
+
+def _manifest_html(splits: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
+    """Scalar facts of the prompt-set manifest, its sources, and a warning if its hashes disagree."""
+    parts = []
+    facts = [(k, v) for k, v in manifest.items() if k not in ("splits", "sources", "categories")]
+    if facts:
+        parts.append("<h3>Prompt-set manifest</h3>" + key_values(facts))
+    sources = manifest.get("sources") or []
+    if sources:
+        rows = [[value_cell(s.get("spec")), value_cell(s.get("kind")), value_cell(s.get("n")),
+                 _short_hash(s.get("sha256"))] for s in sources]
+        parts.append(table(["source", "kind", "n kept", "sha256"], rows))
+    mismatched = [name for name, s in (manifest.get("splits") or {}).items()
+                  if name in splits and s.get("sha256") and s.get("sha256") != splits[name].get("sha256")]
+    if mismatched:
+        parts.append(f'<p class="warning">Warning: the manifest\'s sha256 differs from summary.json for '
+                     f'split(s) {esc(", ".join(mismatched))}: the results may come from other prompts.</p>')
+    return "\n".join(parts)
+
+
+def sae_section(sae: Mapping[str, Any], curves: Mapping[int, Mapping[str, Sequence[float]]] | None,
+                figs: FigureMaker) -> Section:
+    """Final SAE metrics per seed, and training curves (one line per seed) when given."""
+    metrics = list(dict.fromkeys(["fvu", "l0", "dead_fraction", *(k for m in sae.values() for k in m)]))
+    rows = [[row_header(f"seed {seed}")] + [value_cell(sae[seed].get(m)) for m in metrics] for seed in _seed_order(list(sae))]
+    body = [table(["seed", *metrics], rows, "FVU: fraction of variance unexplained; L0: active latents per row; "
+                                            "dead fraction: latents that never fired.")]
+    if curves:
+        uri = figs.plot(plot_training_curves, curves)  # no suptitle: it overlaps the panel titles
+        body.append(figure(uri, "Training curves, one line per seed."))
+    return Section("sae", "\n".join(body))
+
+
+def probe_section(probe: Mapping[str, Any]) -> Section:
+    """Probe accuracy and macro-F1 on eval with 95% CIs (other probe metrics after them)."""
+    names = ["accuracy", "macro_f1"] + [k for k in probe if k not in ("accuracy", "macro_f1")]
+    rows = [[row_header(name), value_cell(probe[name])] for name in names if name in probe]
+    return Section("probe", table(["metric", "value [95% CI] n"], rows, "Multiclass probe on the eval split."))
+
+
+def refusal_section(refusal: Mapping[str, Mapping[str, Any]], figs: FigureMaker) -> Section:
+    """Condition × set/category table of refusal rates with CIs, and grouped bar charts.
+
+    The bars come in two charts (refusal categories; benign, contrast and any aggregate sets) so
+    that each stays readable at page width.
+    """
+    conditions = _conditions(refusal)
+    sets = ordered_labels([s for c in conditions for s in refusal[c]])
+    rows = [[row_header(c)] + [rate_cell(refusal[c][s]) if s in refusal[c] else "<td>—</td>" for s in sets]
+            for c in conditions]
+    body = [table(["condition", *sets], rows,
+                  "Refusal rate [95% Wilson CI] and n prompts, eval split. Darker cells refuse more.", "matrix")]
+    groups = [("Refusal on the refusal categories", [s for s in sets if s in REFUSAL_CATEGORIES]),
+              ("Refusal on benign, contrast and aggregate sets", [s for s in sets if s not in REFUSAL_CATEGORIES])]
+    for title, group in groups:
+        if group:
+            data = {c: {s: refusal[c][s] for s in group if s in refusal[c]} for c in conditions}
+            body.append(figure(figs.plot(plot_rate_bars, data, title=title), f"{title}, by condition (95% CI)."))
+    return Section("refusal", "\n".join(body))
+
+
+def capability_section(capability: Mapping[str, Mapping[str, Any]]) -> Section | None:
+    """Condition × task table of capability scores with CIs."""
+    if not capability:
+        return None
+    conditions = _conditions(capability)
+    tasks = list(dict.fromkeys(t for c in conditions for t in capability[c]))
+    rows = [[row_header(c)] + [rate_cell(capability[c][t], shade=False) if t in capability[c] else "<td>—</td>"
+                               for t in tasks] for c in conditions]
+    wide = "matrix" if len(tasks) > 4 else ""  # wide tables put n on a second line
+    return Section("capability", table(["condition", *tasks], rows, "Score [95% CI] and n items per task.", wide))
+
+
+def stability_section(stability: Mapping[str, Any]) -> Section | None:
+    """Matched decoder cosine across seeds and per-category Jaccard overlap of the selected features."""
+    if not stability:
+        return None
+    scalars = [(STABILITY_LABELS.get(k, k), v) for k, v in stability.items() if not isinstance(v, Mapping)]
+    body = [key_values(scalars)] if scalars else []
+    jaccard = stability.get("feature_jaccard") or {}
+    if jaccard:
+        cats = ordered_labels(list(jaccard))
+        body.append(table(["category", "feature Jaccard"], [[row_header(c), value_cell(jaccard[c])] for c in cats],
+                          "Mean Jaccard overlap of the selected features between seed pairs (— : undefined)."))
+    for key, value in stability.items():
+        if isinstance(value, Mapping) and key != "feature_jaccard":
+            body.append(f"<h3>{esc(key)}</h3>" + yaml_block(value))
+    return Section("stability", "\n".join(body))
+
+
+def geometry_section(geometry: Mapping[str, Mapping[str, Any]], embedding_pngs: Mapping[str, Path] | None) -> Section | None:
+    """Cluster-quality scores per activation space, and the inlined embedding panels."""
+    if not geometry and not embedding_pngs:
+        return None
+    body = []
+    if geometry:
+        metrics = list(dict.fromkeys(["silhouette", "davies_bouldin", "calinski_harabasz",
+                                      *(m for scores in geometry.values() for m in scores)]))
+        headers = ["space"] + [f"{m} ({GEOMETRY_DIRECTION[m]})" if m in GEOMETRY_DIRECTION else m for m in metrics]
+        rows = [[row_header(space)] + [value_cell(scores.get(m)) for m in metrics] for space, scores in geometry.items()]
+        body.append(table(headers, rows, "How well the categories separate in each space (eval rows)."))
+    for space, path in (embedding_pngs or {}).items():
+        body.append(figure(png_to_data_uri(path), f"{space}: 2-D embeddings coloured by category."))
+    return Section("geometry", "\n".join(body))
+
+
+def other_section(summary: Mapping[str, Any]) -> Section | None:
+    """Summary fields the sections above do not show (structured ones only; scalars go in the header)."""
+    rest = {k: v for k, v in summary.items()
+            if k not in REQUIRED_KEYS and k != "schema_version" and isinstance(v, (Mapping, list))}
+    if not rest:
+        return None
+    return Section("other", yaml_block(rest))
+
+
+def header_facts(summary: Mapping[str, Any], generated: str) -> list[tuple[str, Any]]:
+    """Label/value pairs for the page header: model, layers, seeds, schema, dates, other scalars."""
+    facts: list[tuple[str, Any]] = [("model", summary.get("model")), ("layers", summary.get("layers")),
+                                    ("seeds", summary.get("seeds")), ("schema version", summary.get("schema_version"))]
+    for key, value in summary.items():
+        if key not in REQUIRED_KEYS and key != "schema_version" and not isinstance(value, (Mapping, list)):
+            facts.append((key.replace("_", " "), value))
+    facts.append(("report generated", generated))
+    return facts
+

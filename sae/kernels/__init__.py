@@ -1,0 +1,1 @@
+"""sae.kernels.csr."""

@@ -1,0 +1,162 @@
+"""The whole pipeline on a tiny random model and a small prompt subset: schema, consistency, resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from activations.tiny_models import build_tiny_model
+from analysis.cli import main as cli_main
+from analysis.pipeline.main import load_config
+from analysis.pipeline.runner import Stage, StageRunner
+from analysis.reporting.summary import REQUIRED_CONDITIONS, validate_summary
+from probes.gates import NONE
+from probes.model_gates import GLOBAL
+
+REDUCED = [
+    "--prompts", "builtin:quickstart?per_category=8",
+    "--harvest.layers", "1", "2",
+    "--harvest.batch_size", "16",
+    "--train.seeds", "0",
+    "--train.steps", "20",
+    "--train.data.batch_size", "128",
+    "--train.sae.expansion_factor", "4",
+    "--train.sae.k", "8",
+    "--select.n_bootstrap", "2",
+    "--select.C_grid", "0.3", "1.0",
+    "--evaluate.alphas", "2.0",
+    "--evaluate.alpha", "2.0",
+    "--evaluate.capability_limit", "3",
+    "--device", "cpu",
+]
+
+
+def pipeline_main(args: list[str]) -> int:
+    return cli_main(["pipeline", *args])
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, embedded_tokenizer) -> Path:
+    model, tokenizer = build_tiny_model("llama", tokenizer=embedded_tokenizer)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_model_dir) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    args = ["-c", "configs/quickstart.yaml", "--out", str(out), "--model", str(tiny_model_dir), *REDUCED]
+    assert pipeline_main(args) == 0
+    return out
+
+
+def test_summary_schema_and_consistency(pipeline_run):
+    summary = json.loads((pipeline_run / "summary.json").read_text())
+    eval_counts = summary["splits"]["eval"]["categories"]
+    assert validate_summary(summary, eval_counts) == []
+    assert set(REQUIRED_CONDITIONS) <= set(summary["refusal"])
+    for condition, table in summary["refusal"].items():
+        for name, entry in table.items():
+            lo, hi = entry["ci"]
+            assert 0.0 <= lo <= entry["rate"] <= hi <= 1.0, (condition, name)
+        assert table["benign"]["n"] == eval_counts["benign"]
+        assert table["harmful_refusal"]["n"] == sum(
+            n for c, n in eval_counts.items() if c not in ("benign", "contrast"))
+    assert list(summary["sae"]) == ["0"] and 0.0 <= summary["sae"]["0"]["dead_fraction"] <= 1.0
+    assert summary["layers"] == [1, 2]
+    splits = summary["splits"]
+    assert len({splits[s]["sha256"] for s in splits}) == 3
+
+
+def test_report_is_self_contained(pipeline_run):
+    html = (pipeline_run / "report.html").read_text()
+    assert "data:image/png;base64," in html and 'src="http' not in html
+    for condition in REQUIRED_CONDITIONS:
+        assert condition in html
+
+
+def test_rerun_skips_every_stage(pipeline_run, tiny_model_dir, capsys):
+    # the spellings of earlier versions (--set section.key=value, the old section names) still work
+    old = {"--train.steps": "sae.steps", "--train.data.batch_size": "sae.batch_size", "--evaluate.alpha": "evaluation.alpha"}
+    args = ["-c", "configs/quickstart.yaml", "--out", str(pipeline_run), "--set", f"model={tiny_model_dir}"]
+    for i, item in enumerate(REDUCED):
+        if item in old:
+            args += ["--set", f"{old[item]}={REDUCED[i + 1]}"]
+        elif i == 0 or REDUCED[i - 1] not in old:
+            args.append(item)
+    stamps = {p: p.stat().st_mtime_ns for p in pipeline_run.glob("*/stage.json")}
+    assert pipeline_main(args) == 0
+    assert "up to date, skipped" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in pipeline_run.glob("*/stage.json")} == stamps
+
+
+def test_stage_runner_reruns_what_changed(tmp_path):
+    calls: list[str] = []
+
+    def stage(name: str, config: dict, after: list[str]) -> Stage:
+        return Stage(name, lambda out: calls.append(name) or {"name": name}, config, after)
+
+    StageRunner(tmp_path, [stage("a", {"x": 1}, []), stage("b", {}, ["a"])]).run()
+    StageRunner(tmp_path, [stage("a", {"x": 1}, []), stage("b", {}, ["a"])]).run()
+    assert calls == ["a", "b"]
+    StageRunner(tmp_path, [stage("a", {"x": 2}, []), stage("b", {}, ["a"])]).run()
+    assert calls == ["a", "b", "a", "b"]
+
+
+def test_crash_leaves_no_stamp(tmp_path):
+    def boom(out: Path) -> dict:
+        (out / "partial").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        StageRunner(tmp_path, [Stage("a", boom, {})]).run()
+    assert not (tmp_path / "a" / "stage.json").exists()
+
+
+def test_unknown_config_key_is_one_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ValueError, match=r"unknown config key 'train.stepz'"):
+        load_config(bad)
+    assert pipeline_main(["-c", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown config key 'train.stepz' (known: " + ", ".join(
+        ["ckpt_every", "data", "log_every_n_steps", "logger", "optim", "sae", "seeds", "steps", "wandb_project"]) + ")"
+
+
+def test_old_section_names_fail_naming_the_new_one(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("sae:\n  k: 3\n")
+    assert pipeline_main(["-c", str(old), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config file") and "section 'sae' is now 'train'" in err and "\n" not in err
+
+
+def test_wrong_type_stops_before_any_stage(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert pipeline_main(["-c", "configs/quickstart.yaml", "--out", str(out), "--train.sae.k", "abc"]) == 2
+    assert capsys.readouterr().err.strip().endswith('error: Parser key "train.sae.k": Expected a <class \'int\'>. Got value: abc')
+    assert not out.exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert pipeline_main(["-c", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_external_classifier_gate_is_a_condition_when_configured(pipeline_run, tiny_model_dir, tmp_path):
+    """`gates.external_classifier` adds `conditional_external`; the gate reads prompt text only."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run, run)
+    args = ["-c", "configs/quickstart.yaml", "--out", str(run), "--model", str(tiny_model_dir), *REDUCED,
+            "--gates.external_classifier", str(tiny_model_dir), "--gates.external_kind", "causal-judge"]
+    assert pipeline_main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert "conditional_external" in summary["refusal"]
+    decisions = json.loads((run / "evaluate" / "gate_decisions.json").read_text())["conditional_external"]
+    assert len(decisions) == summary["splits"]["eval"]["n"]
+    assert {d["category"] for d in decisions} <= {GLOBAL, NONE}

@@ -1,0 +1,92 @@
+"""A synthetic, schema-valid `summary.json` and `ReportExtras` for the report tests (made-up numbers)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from activations.records import CATEGORIES, REFUSAL_CATEGORIES
+from analysis.evaluation.geometry import plot_embeddings
+from analysis.reporting.report import ReportExtras
+from activations.stats import rate_from_counts
+from analysis.reporting.summary import REQUIRED_CONDITIONS, REQUIRED_SETS, SCHEMA_VERSION
+
+EVAL_N = {"benign": 60, "contrast": 24, **{c: 12 for c in REFUSAL_CATEGORIES}}
+INJECTED = "<script>alert('x')</script>"
+
+
+def synthetic_summary(seed: int = 0) -> dict[str, Any]:
+    """Every required key, condition and set, with Wilson-CI rates from random counts."""
+    rng = np.random.default_rng(seed)
+    seeds = [0, 1, 2]
+
+    def counts_rate(n: int, p: float) -> dict[str, Any]:
+        return rate_from_counts(int(rng.binomial(n, p)), n)
+
+    def score(n: int, p: float) -> dict[str, Any]:
+        entry = counts_rate(n, p)
+        return {"score": entry["rate"], "ci": entry["ci"], "n": entry["n"]}
+
+    refusal = {}
+    for condition in REQUIRED_CONDITIONS:
+        refusal[condition] = {s: counts_rate(EVAL_N[s], 0.1 if s in ("benign", "contrast") else 0.6)
+                              for s in REQUIRED_SETS}
+    refusal["baseline"]["harmful"] = counts_rate(60, 0.55)  # an aggregate set beyond the required ones
+    refusal["ablate"]["humanizing"] = rate_from_counts(0, 0)  # an empty cell must render as "—"
+    splits = {name: {"n": n, "sha256": f"{i:x}" * 64,
+                     "categories": {c: max(1, n // len(CATEGORIES)) for c in CATEGORIES}}
+              for i, (name, n) in enumerate([("extract", 420), ("calibrate", 140), ("eval", 144)], start=10)}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": "smollm2-135m-instruct",
+        "layers": [9, 18],
+        "seeds": seeds,
+        "date": "2025-01-01T00:00:00Z",
+        "splits": splits,
+        "sae": {str(s): {"fvu": 0.2 + 0.01 * s, "l0": 16.0, "dead_fraction": 0.02 * s} for s in seeds},
+        "probe": {"accuracy": {"value": 0.8, "ci": [0.72, 0.86], "n": 144},
+                  "macro_f1": {"value": 0.74, "ci": [0.66, 0.81], "n": 144}},
+        "stability": {"matched_cosine_mean": 0.83,
+                      "feature_jaccard": {c: (0.4 if c != "unsupported" else None) for c in REFUSAL_CATEGORIES}},
+        "geometry": {space: {"silhouette": 0.12, "davies_bouldin": 2.3, "calinski_harabasz": 41.5}
+                     for space in ("residual", "sae_features")},
+        "refusal": refusal,
+        "capability": {c: {"builtin_mc": score(40, 0.7), "arithmetic": score(20, 0.5)}
+                       for c in ("baseline", "steer_away", "ablate")},
+        "alpha_sweep": {"alphas": [2.0, 4.0, 8.0]},
+    }
+
+
+def synthetic_extras(tmp_dir: Path, seed: int = 0) -> ReportExtras:
+    """Extras with every field set; the embedding PNG is a PCA panel of random rows."""
+    rng = np.random.default_rng(seed)
+    steps = list(range(0, 50, 10))
+    curves = {s: {"step": steps, "fvu": list(np.linspace(1.0, 0.2 + 0.01 * s, len(steps))),
+                  "l0": [16.0] * len(steps), "dead_fraction": list(np.linspace(0.0, 0.02 * s, len(steps)))}
+              for s in (0, 1, 2)}
+    features = {c: [{"feature": int(f), "weight": float(rng.normal()), "selection_frequency": float(rng.random()),
+                     "activation_frequency": {k: float(rng.random()) for k in CATEGORIES}}
+                    for f in rng.choice(256, size=12, replace=False)] for c in REFUSAL_CATEGORIES}
+    points = [{"condition": cond, "strength": a,
+               "over_refusal": rate_from_counts(int(60 * min(0.9, slope * a)), 60),
+               "harmful": rate_from_counts(int(60 * min(0.95, 0.5 + 0.05 * a)), 60)}
+              for cond, slope in (("steer_toward", 0.05), ("conditional_probe", 0.015)) for a in (2.0, 4.0, 8.0)]
+    labels = np.repeat(np.array(["benign", "safety", "incomplete"]), 20)
+    X = rng.normal(size=(60, 8)) + (labels == "safety")[:, None] * 2.0
+    png = plot_embeddings(X, labels, tmp_dir / "embed_residual.png", methods=("pca",), title="residual")
+    manifest = {"n": 704, "seed": 0, "fractions": [0.6, 0.2, 0.2], "n_duplicates_removed": 3,
+                "splits": {"eval": {"n": 144, "sha256": "c" * 64}},
+                "sources": [{"spec": "builtin:quickstart", "kind": "builtin", "n": 704, "sha256": "d" * 64}]}
+    return ReportExtras(
+        config={"model": "smollm2-135m-instruct", "note": INJECTED, "sae": {"seeds": [0, 1, 2], "k": 16}},
+        split_manifest=manifest,
+        training_curves=curves,
+        features=features,
+        tradeoff_points=points,
+        embedding_pngs={"residual": png},
+        seed_table=[{"seed": s, "fvu": 0.2 + 0.01 * s, "refusal": {"safety": rate_from_counts(7 + s, 12)}}
+                    for s in (0, 1, 2)],
+        notes=["harvest: 41.2 s", "train: 3 seeds × 12.0 s"],
+        per_category_vectors={c: rate_from_counts(20 + i, 60) for i, c in enumerate(REFUSAL_CATEGORIES)},
+    )
