@@ -2,7 +2,8 @@
 
 For each prompt the output of every requested block `l` (== `hidden_states[l + 1]`) is captured at
 the last prompt token (`positions="last"`; with the chat template that is the position predicting
-the first response token) or at every prompt token (`positions="all"`). All layers come from one
+the first response token) or at every prompt token (`positions="all"`). Every row records its
+position kind (template prefix, user content, template suffix, response start; `activations.positions`). All layers come from one
 forward that stops right after the deepest requested block: no later block, final norm or logits
 are computed. Prompts run in length-bucketed batches; prompts already in the store are skipped, so
 rerunning an interrupted harvest resumes it.
@@ -141,14 +142,16 @@ def _store_batch(writer: ShardWriter, batch: PromptBatch, rows: Mapping[int, tor
     seq = batch.input_ids.shape[1]
     start = 0
     for i, (record, n) in enumerate(zip(batch.records, batch.lengths)):
+        kinds = None if batch.kinds is None else batch.kinds[i]
         if positions == "last":
             where, count = np.array([n - 1]), 1
             token_ids = batch.input_ids[i, -1:].numpy()
+            kinds = None if kinds is None else kinds[-1:]
         else:
             where, count = np.arange(n), n
             token_ids = batch.input_ids[i, seq - n :].numpy()
         acts = {layer: x[start : start + count] for layer, x in host.items()}
-        writer.add_prompt(record.id, record.category, record.split, where, token_ids, acts)
+        writer.add_prompt(record.id, record.category, record.split, where, token_ids, acts, position_kinds=kinds)
         start += count
 
 

@@ -1,7 +1,8 @@
 """Tokenise prompts once and group them into length-bucketed, left-padded batches for harvesting.
 
 Each prompt is formatted exactly as `activations.tokenize.encode_prompts` does (chat template with
-the generation prompt, left truncation to `max_length`), tokenised once, sorted by token length
+the generation prompt, left truncation to `max_length`), tokenised once (with each token's position
+kind, `activations.positions`), sorted by token length
 (longest first, so an out-of-memory batch shows up at the start) and cut into batches of
 neighbours, which keeps padding small.
 
@@ -16,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from activations.positions import encode_with_kinds
 from activations.records import PromptRecord
-from activations.tokenize import format_prompt, has_chat_template
 
 
 @dataclass
@@ -27,7 +29,8 @@ class PromptBatch:
     """A left-padded batch of prompts.
 
     `input_ids`, `attention_mask`, `position_ids`: `(batch, seq)` on the CPU; `lengths`: unpadded
-    token count per row; `records`: the prompts in row order.
+    token count per row; `records`: the prompts in row order; `kinds`: per row, the `(length,)` int8
+    position-kind codes of its tokens (`activations.positions`), or None when not computed.
     """
 
     records: list[PromptRecord]
@@ -35,6 +38,7 @@ class PromptBatch:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     lengths: list[int]
+    kinds: list[np.ndarray] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -42,20 +46,19 @@ class PromptBatch:
         return int(sum(self.lengths))
 
 
+def tokenize_with_kinds(
+    tokenizer: Any, records: Sequence[PromptRecord], chat_template: bool = True, max_length: int | None = None
+) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Token ids of each formatted prompt (no padding, truncated from the left to `max_length`) and
+    their position-kind codes (`activations.positions.encode_with_kinds`)."""
+    return encode_with_kinds(tokenizer, [r.text for r in records], chat_template, max_length)
+
+
 def tokenize_records(
     tokenizer: Any, records: Sequence[PromptRecord], chat_template: bool = True, max_length: int | None = None
 ) -> list[list[int]]:
     """Token ids of each formatted prompt (no padding), truncated from the left to `max_length`."""
-    use_template = chat_template and has_chat_template(tokenizer)
-    strings = [format_prompt(tokenizer, r.text, chat_template) for r in records]
-    tokenizer.truncation_side = "left"
-    encoded = tokenizer(
-        strings,
-        add_special_tokens=not use_template,
-        truncation=max_length is not None,
-        max_length=max_length,
-    )
-    return [list(ids) for ids in encoded["input_ids"]]
+    return tokenize_with_kinds(tokenizer, records, chat_template, max_length)[0]
 
 
 def left_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,9 +82,11 @@ def left_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, t
 
 
 def length_bucketed_batches(
-    records: Sequence[PromptRecord], token_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int
+    records: Sequence[PromptRecord], token_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int,
+    kinds: Sequence[np.ndarray] | None = None,
 ) -> Iterator[PromptBatch]:
-    """Batches of up to `batch_size` prompts of neighbouring token length, longest first."""
+    """Batches of up to `batch_size` prompts of neighbouring token length, longest first (`kinds`:
+    each prompt's position-kind codes, carried along)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(records)), key=lambda i: (-len(token_ids[i]), records[i].id))
@@ -95,6 +100,7 @@ def length_bucketed_batches(
             attention_mask=attention_mask,
             position_ids=position_ids,
             lengths=[len(row) for row in ids],
+            kinds=None if kinds is None else [kinds[i] for i in chosen],
         )
 
 
@@ -121,11 +127,11 @@ def prefetched_batches(
         by_chars, size = by_chars[size:], size * 2
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
     try:
-        pending = pool.submit(tokenize_records, tokenizer, chunks[0], chat_template, max_length) if chunks else None
+        pending = pool.submit(tokenize_with_kinds, tokenizer, chunks[0], chat_template, max_length) if chunks else None
         for index, chunk in enumerate(chunks):
-            token_ids = pending.result()
+            token_ids, kinds = pending.result()
             later = index + 1 < len(chunks)
-            pending = pool.submit(tokenize_records, tokenizer, chunks[index + 1], chat_template, max_length) if later else None
-            yield from length_bucketed_batches(chunk, token_ids, batch_size, tokenizer.pad_token_id)
+            pending = pool.submit(tokenize_with_kinds, tokenizer, chunks[index + 1], chat_template, max_length) if later else None
+            yield from length_bucketed_batches(chunk, token_ids, batch_size, tokenizer.pad_token_id, kinds)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "steer": ("analysis.stages.steer", "evaluate steering, gating and ablation conditions"),
     "attribute": ("analysis.stages.attribute", "attribution patching scores per unit / SAE feature"),
     "stability": ("analysis.stages.stability", "cross-seed matching, feature Jaccard, geometry plots"),
+    "features": ("analysis.stages.features", "a page per selected SAE feature (examples, logit lens, stability)"),
     "synthesize-contrast": ("analysis.stages.synthesize", "rewrite prompts until the refusal decision flips"),
     "pipeline": ("analysis.pipeline.main", "run every stage from a YAML config, resumably, and write a report"),
     "compare": ("analysis.stages.compare", "compare summary.json files of several runs"),

@@ -155,12 +155,31 @@ def stability_selection(
                            float(threshold), float(C), top_k, meta)
 
 
+def dense_everywhere(activation_freq: Mapping[str, np.ndarray], threshold: float) -> np.ndarray:
+    """(d,) bool: features firing on more than `threshold` of the rows of EVERY category present
+    (a dense latent, not a category feature)."""
+    if not activation_freq:
+        raise ValueError("no activation frequencies to flag dense features with")
+    return np.min(np.stack([np.asarray(f, dtype=np.float64) for f in activation_freq.values()]), axis=0) > threshold
+
+
+def split_dense(selections: Mapping[str, ClassSelection], dense: np.ndarray) -> tuple[dict[str, ClassSelection], dict[str, ClassSelection]]:
+    """(selections without the `dense` (d,) features, the dense features each class had selected)."""
+    kept, flagged = {}, {}
+    for name, sel in selections.items():
+        is_dense = dense[np.asarray(sel.feature_ids, dtype=np.int64)]
+        pick = lambda m: ClassSelection(sel.feature_ids[m], sel.weights[m], None if sel.frequency is None else sel.frequency[m])  # noqa: E731
+        kept[name], flagged[name] = pick(~is_dense), pick(is_dense)
+    return kept, flagged
+
+
 def write_features_json(
     path: str,
     selections: Mapping[str, ClassSelection],
     activation_freq: Mapping[str, np.ndarray],
     probe_eval: Mapping[str, Any] | None,
     meta: Mapping[str, Any],
+    dense: Mapping[str, ClassSelection] | None = None,
 ) -> None:
     """Atomically write features.json.
 
@@ -169,6 +188,8 @@ def write_features_json(
     probe_eval: `heads.evaluate_head(...)` on eval rows (accuracy and macro-F1 with 95% CIs), or None.
     meta: provenance (model, layer, space, tau, C, method, ...); must hold "splits" (e.g.
           `rows.provenance()` or `head.meta["splits"]`): the split hashes the selection was fitted on.
+    dense: per class, the features the head chose but that fire everywhere (`split_dense`); they are
+          listed under `dense_features` and are not the class's features.
     """
     if "splits" not in meta:
         raise ValueError("features.json metadata must record 'splits' (row counts and split hashes)")
@@ -181,6 +202,12 @@ def write_features_json(
             "selection_frequency": None if sel.frequency is None else np.asarray(sel.frequency, dtype=np.float64),
             "activation_frequency": {cat: np.asarray(freq)[ids] for cat, freq in activation_freq.items()},
         }
+        if dense is not None and name in dense:
+            dense_ids = np.asarray(dense[name].feature_ids, dtype=np.int64)
+            per_class[name]["dense_features"] = {
+                "feature_ids": dense_ids, "weights": np.asarray(dense[name].weights, dtype=np.float64),
+                "activation_frequency": {cat: np.asarray(freq)[dense_ids] for cat, freq in activation_freq.items()},
+            }
     write_json(path, {
         "schema_version": 1,
         "classes": list(selections),

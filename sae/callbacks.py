@@ -3,7 +3,9 @@
 Run layout written here (see docs/sae.md):
 
     RUN/seed_<s>/{sae.safetensors, sae_weights.safetensors -> sae.safetensors, cfg.json, metrics.csv}
-    RUN/metrics.json        per-seed final fvu, l0, dead_fraction (+ n and Wilson 95% CI), steps
+    RUN/seed_<s>/latent_stats.safetensors   firing_frequency (d_sae,) float64 on the evaluation rows
+    RUN/metrics.json        per-seed held-out quality (`sae.quality`): fvu, l0 (all / per kind),
+                            dead and dense fractions (+ Wilson 95% CI), steps; the training-row counts
     RUN/logs/version_<n>/metrics.csv   Lightning CSV logs (one version per (re)start)
     RUN/ckpt/last.ckpt      Lightning checkpoint for resuming
 """
@@ -17,10 +19,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from activations.io import write_json, write_text_atomic
-from sae.export import save_sae
+from activations.io import save_numpy_tensors, write_json, write_text_atomic
 from activations.stats import wilson_ci
-from sae.tracking import evaluate_sae
+from activations.store import ActivationStore
+from sae.export import save_sae
+from sae.quality import evaluate_quality
 
 
 def merged_log_rows(logs_dir: Path) -> list[dict[str, str]]:
@@ -53,9 +56,17 @@ def write_seed_csv(rows: list[dict[str, str]], seed: int, path: Path) -> None:
 
 def format_table(per_seed: dict[str, dict[str, Any]]) -> str:
     """Plain-text table of the final metrics."""
-    lines = [f"{'seed':>6} {'fvu':>9} {'l0':>8} {'dead_fraction':>14} {'steps':>8}"]
+    lines = [f"{'seed':>6} {'fvu':>9} {'fvu content':>12} {'fvu resp.':>10} {'l0':>8} {'dead':>7} {'dense':>7} "
+             f"{'steps':>8}  ({next(iter(per_seed.values()))['metrics_split']} rows)"]
+
+    def num(value: Any, digits: int) -> str:
+        return "—" if value is None else f"{value:.{digits}f}"
+
     for seed, m in per_seed.items():
-        lines.append(f"{seed:>6} {m['fvu']:>9.4f} {m['l0']:>8.2f} {m['dead_fraction']:>14.4f} {m['steps']:>8d}")
+        kinds = m["by_kind"]
+        lines.append(f"{seed:>6} {num(m['fvu'], 4):>9} {num(kinds['content']['fvu'], 4):>12} "
+                     f"{num(kinds['response_start']['fvu'], 4):>10} {num(m['l0'], 2):>8} {m['dead_fraction']:>7.4f} "
+                     f"{m['dense_fraction']:>7.4f} {m['steps']:>8d}")
     return "\n".join(lines)
 
 
@@ -103,16 +114,13 @@ class RunExport(pl.Callback):
             logger.save()
         log_rows = merged_log_rows(self.out_dir / "logs")
         steps = int(trainer.global_step)
-        for seed, sae, tracker in zip(module.seeds, module.saes, module.trackers):
-            split, batches = datamodule.metrics_batches()
-            scores = evaluate_sae(sae, batches)
-            n_dead = int(tracker.dead_mask().sum())
-            lo, hi = wilson_ci(n_dead, sae.d_sae)
-            record = {
-                "fvu": scores["fvu"], "l0": scores["l0"], "n_rows": scores["n_rows"], "metrics_split": split,
-                "dead_fraction": n_dead / sae.d_sae, "dead_fraction_ci": [lo, hi], "n_latents": sae.d_sae,
-                "never_fired_fraction": scores["never_fired_fraction"], "steps": steps,
-            }
+        qualities = evaluate_quality(list(module.saes), ActivationStore(datamodule.shards_dir), self.layer, datamodule.data_cfg)
+        rows = datamodule.selection.to_dict() if datamodule.selection is not None else None
+        for seed, sae, tracker, quality in zip(module.seeds, module.saes, module.trackers, qualities):
+            n_auxk_dead = int(tracker.dead_mask().sum())
+            frequency = quality.pop("firing_frequency")
+            record = {**quality, "auxk_dead_fraction": n_auxk_dead / sae.d_sae,
+                      "auxk_dead_fraction_ci": list(wilson_ci(n_auxk_dead, sae.d_sae)), "steps": steps}
             self.metrics[str(seed)] = record
             seed_dir = self.out_dir / f"seed_{seed}"
             save_sae(
@@ -121,14 +129,18 @@ class RunExport(pl.Callback):
                     "layer": self.layer, "seed": seed, "model_name": str(model_info.get("id", "")),
                     "context_size": manifest.get("max_length"), "prepend_bos": True,
                     "dataset_path": str(datamodule.shards_dir), "shards_manifest_sha256": datamodule.manifest_sha256,
-                    "split": datamodule.split, "final_metrics": record,
+                    "split": datamodule.split, "training_rows": rows,
+                    "row_rules": {k: getattr(datamodule.data_cfg, k) for k in ("position_kinds", "exclude_sink",
+                                                                                 "drop_duplicates")},
+                    "final_metrics": record,
                 },
             )
+            save_numpy_tensors(seed_dir / "latent_stats.safetensors", {"firing_frequency": frequency})
             write_seed_csv(log_rows, seed, seed_dir / "metrics.csv")
         write_json(
             self.out_dir / "metrics.json",
             {"layer": self.layer, "shards_dir": str(datamodule.shards_dir),
-             "shards_manifest_sha256": datamodule.manifest_sha256, "seeds": self.metrics},
+             "shards_manifest_sha256": datamodule.manifest_sha256, "training_rows": rows, "seeds": self.metrics},
         )
         if self.print_table:
             print(format_table(self.metrics), flush=True)

@@ -15,6 +15,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
+from activations.positions import kind_codes
+
 ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "relu", "jumprelu")
 """`topk`/`batchtopk` are trained here; `relu` (SAELens "standard") and `jumprelu` are only loaded."""
 
@@ -199,6 +201,11 @@ class DataConfig:
         split: split name(s) to train on (None = every row).
         batch_size: rows per device per step.
         categories: optional category filter.
+        position_kinds: position kinds trained on (prefix, content, suffix, response_start; see
+            `activations.positions`); None = every row (needed for schema-1 stores, which lack kinds).
+            The default never trains on the template prefix that every prompt shares.
+        exclude_sink: leave out position 0 (the BOS / attention-sink token).
+        drop_duplicates: train on one copy of rows whose activations are bitwise identical.
         in_memory: True / False, or None to decide from `memory_budget_gb`.
         memory_budget_gb: the largest device-resident copy `in_memory=None` allows.
         device_dtype: dtype of the device-resident copy (bfloat16 halves its memory).
@@ -213,6 +220,9 @@ class DataConfig:
     split: str | list[str] | None = "extract"
     batch_size: int = 1024
     categories: list[str] | None = None
+    position_kinds: list[str] | None = field(default_factory=lambda: ["content", "suffix", "response_start"])
+    exclude_sink: bool = True
+    drop_duplicates: bool = True
     in_memory: bool | None = None
     memory_budget_gb: float = 4.0
     device_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -232,6 +242,10 @@ class DataConfig:
         for name in ("chunk_rows", "window_chunks", "metrics_rows", "init_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.position_kinds is not None:
+            if not self.position_kinds:
+                raise ValueError("position_kinds is empty; list the kinds to train on, or null for every row")
+            kind_codes(self.position_kinds)
 
 
 LOGGERS = ("csv", "wandb")

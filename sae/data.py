@@ -8,6 +8,8 @@ Two modes, chosen by size (`in_memory=None` = auto, using `memory_budget_gb`):
   `on_after_batch_transfer` from `trainer.global_step`, so batch `s` is a function of (seed, s).
 - streaming: `sae.stream.ShuffledStream` reads chunk-contiguous blocks through a shuffle buffer.
 
+Only the rows `sae.rows.training_rows` keeps are served (position kinds, no attention sink, no exact
+duplicates; `self.selection` holds them and how many rows each rule removed).
 In both modes global batch `s` covers rows `[s*B*world, (s+1)*B*world)` of the shuffled stream and
 rank `r` takes slice `r`, so a resumed run sees exactly the batches an uninterrupted run would.
 Labels are int64 class ids from the category column (index in `activations.records.CATEGORIES`).
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from activations.store import ActivationStore
 from sae.config import DataConfig, as_config
+from sae.rows import RowSelection, training_rows
 from sae.stream import ShuffledStream, check_finite_rows, labels_from_categories
 
 DEVICE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,6 +62,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.metrics_split, self.metrics_rows, self.init_rows = cfg.metrics_split, cfg.metrics_rows, cfg.init_rows
         self.num_workers = cfg.num_workers
         self.store: ActivationStore | None = None
+        self.selection: RowSelection | None = None
         self.n_rows = 0
         self._host_x: np.ndarray | None = None
         self._host_y: np.ndarray | None = None
@@ -98,19 +102,27 @@ class ShardDataModule(pl.LightningDataModule):
         if self.n_rows:
             return
         store = self._open()
-        self.n_rows = len(store.meta(self.split, self.categories))
-        if self.n_rows == 0:
+        if len(store.meta(self.split, self.categories)) == 0:
             raise ValueError(
                 f"{self._split_label()} of layer {self.layer} has no rows in {self.shards_dir}"
                 + (f" (categories {self.categories})" if self.categories else "")
             )
+        self.selection = training_rows(store, self.layer, self.data_cfg)
+        self.n_rows = self.selection.n_rows
+        counts = self.selection.to_dict()
+        print(f"SAE training rows: {counts['candidates']} in {self._split_label()}, removed "
+              + ", ".join(f"{rule} {n}" for rule, n in counts["removed"].items()) + f"; {counts['kept']} kept", flush=True)
+        if self.n_rows == 0:
+            raise ValueError(f"no SAE training rows left in {self.shards_dir} after the row rules {counts['removed']} "
+                             f"(position_kinds={self.data_cfg.position_kinds})")
         if self.in_memory is None:
             itemsize = torch.finfo(DEVICE_DTYPES[self.device_dtype]).bits // 8
             self.in_memory = self.n_rows * store.d_model * itemsize <= self.memory_budget_gb * 2**30
         if self.in_memory:
             x, meta = store.load(self.layer, self.split, self.categories)
+            x, categories = x[self.selection.index], meta.category[self.selection.index]
             check_finite_rows(x, f"{self.shards_dir} layer {self.layer}")
-            self._host_x, self._host_y = x, labels_from_categories(meta.category)
+            self._host_x, self._host_y = x, labels_from_categories(categories)
 
     def _world(self) -> tuple[int, int]:
         """(rank, world size) for slicing the global batch; (0, 1) when every rank takes all of it."""
@@ -127,6 +139,7 @@ class ShardDataModule(pl.LightningDataModule):
         stream = ShuffledStream(
             self._open(), self.layer, self.split, self.categories, self.n_rows, self.batch_size, self.data_seed,
             start_step=start, rank=rank, world_size=world, chunk_rows=self.chunk_rows, window_chunks=self.window_chunks,
+            row_mask=self.selection.mask(),
         )
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin)
@@ -176,7 +189,7 @@ class ShardDataModule(pl.LightningDataModule):
         else:
             stream = ShuffledStream(  # the first chunk of the stream only: bounded memory
                 self._open(), self.layer, self.split, self.categories, self.n_rows, 1, self.data_seed,
-                chunk_rows=self.chunk_rows, window_chunks=1,
+                chunk_rows=self.chunk_rows, window_chunks=1, row_mask=self.selection.mask(),
             )
             pool = next(stream.windows(0))[0]
         rng = np.random.default_rng([self.data_seed, 7])

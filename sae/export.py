@@ -252,3 +252,21 @@ def load_sae_run(run_dir: str | Path, layer: int | None = None, d_model: int | N
         folders = {s: folders[s] for s in seeds}
     return {seed: load_checked_sae(path, layer, d_model, device, name=f"seed {seed}")[0]
             for seed, path in folders.items()}
+
+
+def add_run_metrics(run_dir: str | Path, per_seed: dict[int, dict[str, Any]]) -> None:
+    """Merge `per_seed[seed]` into `RUN/metrics.json` (`seeds.<s>`) and into each seed's cfg.json
+    (`refusal_sae.final_metrics`), atomically; the weights and their sha256 are untouched."""
+    root = Path(run_dir)
+    metrics_path = root / "metrics.json"
+    metrics = read_json(metrics_path, "SAE run metrics")
+    for seed, extra in per_seed.items():
+        if str(seed) not in metrics.get("seeds", {}):
+            raise ValueError(f"{metrics_path} has no seed {seed}")
+        metrics["seeds"][str(seed)].update(extra)
+        folder = seed_folders(root)[int(seed)]
+        cfg = read_json(folder / CFG_NAME, "SAE config")
+        ours = cfg.setdefault("refusal_sae", {})
+        ours["final_metrics"] = {**(ours.get("final_metrics") or {}), **extra}
+        write_json(folder / CFG_NAME, cfg)
+    write_json(metrics_path, metrics)

@@ -199,7 +199,7 @@ class SAELightningModule(pl.LightningModule):
 
     def _seed_metrics(self, per_seed: dict[int, list[Tensor]]) -> dict[str, Tensor | float]:
         """`seed<s>/<name>` scalars; seed-parallel ranks sum their rows so every seed gets logged."""
-        names = [*TERM_NAMES, "l0", "dead_fraction"]
+        names = [*TERM_NAMES, "l0", "auxk_dead_fraction"]
         if self.seed_parallel and self.trainer.world_size > 1:
             table = torch.zeros(len(self.seeds), len(names), device=self.device)
             for index, values in per_seed.items():

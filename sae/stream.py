@@ -39,6 +39,8 @@ class ShuffledStream(IterableDataset):
     Args:
         store, layer, split, categories: what to read.
         n_rows: number of selected rows (one epoch).
+        row_mask: `(rows of split/categories,)` bool: only these rows are served (None = all);
+            `n_rows` must equal its count.
         batch_size: rows per rank per step; rank, world_size: this process and the number of ranks.
     """
 
@@ -56,8 +58,10 @@ class ShuffledStream(IterableDataset):
         world_size: int = 1,
         chunk_rows: int = 65536,
         window_chunks: int = 8,
+        row_mask: np.ndarray | None = None,
     ) -> None:
         super().__init__()
+        self.row_mask = row_mask
         self.store, self.layer, self.split, self.categories = store, layer, split, categories
         self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
@@ -69,7 +73,11 @@ class ShuffledStream(IterableDataset):
         pending_y: list[np.ndarray] = []
         window = 0
         chunks = self.store.iter_chunks(self.layer, self.split, self.categories, chunk_rows=self.chunk_rows)
+        at = 0
         for x, meta in chunks:
+            if self.row_mask is not None:
+                keep, at = self.row_mask[at: at + len(x)], at + len(x)
+                x, meta = x[keep], meta.select(keep)
             check_finite_rows(x, f"{self.store.directory} layer {self.layer}")
             pending_x.append(x)
             pending_y.append(labels_from_categories(meta.category))

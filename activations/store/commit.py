@@ -47,6 +47,7 @@ def write_shard_file(path: Path, columns: Mapping[str, np.ndarray], layers: list
             f.create_dataset(name, data=columns[name].astype(object), dtype=strings)
         f.create_dataset("position", data=columns["position"].astype(np.int32))
         f.create_dataset("token_id", data=columns["token_id"].astype(np.int32))
+        f.create_dataset("position_kind", data=columns["position_kind"].astype(np.int8))
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
 

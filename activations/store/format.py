@@ -1,4 +1,4 @@
-"""Shared pieces of the activation shard format (schema version 1, see docs/shards.md).
+"""Shared pieces of the activation shard format (schema version 2, see docs/shards.md).
 
 Holds the constants, the row metadata value object, the storage-dtype codecs (bfloat16 is stored
 as its raw uint16 bits) and the atomic JSON / checksum helpers used by the writer and the reader.
@@ -14,7 +14,11 @@ import numpy as np
 
 from activations.io import read_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Written by `ShardWriter`. Version 2 added the per-row `position_kind` column."""
+READABLE_VERSIONS = (1, 2)
+"""Versions the reader opens; version-1 rows read with position kind UNKNOWN (-1), except the
+last row of each prompt, which is always the response-start position."""
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{index:05d}.h5"
 TEMP_PREFIX = ".tmp-"
@@ -22,7 +26,7 @@ TEMP_PREFIX = ".tmp-"
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 POSITION_MODES = ("last", "all")
-META_FIELDS = ("prompt_id", "category", "split", "position", "token_id")
+META_FIELDS = ("prompt_id", "category", "split", "position", "token_id", "position_kind")
 STRING_FIELDS = ("prompt_id", "category", "split")
 
 BF16_ATTR = "encoding"
@@ -86,7 +90,8 @@ class RowMeta:
     """Per-row metadata of activation rows, one numpy array per field, all of length `n`.
 
     `prompt_id`, `category`, `split`: object arrays of str; `position`: int32 token index in the
-    unpadded prompt; `token_id`: int32 id of the token at that position.
+    unpadded prompt; `token_id`: int32 id of the token at that position; `position_kind`: int8 code
+    of `activations.positions.POSITION_KINDS` (-1 = unknown, schema-1 stores).
     """
 
     prompt_id: np.ndarray
@@ -94,6 +99,7 @@ class RowMeta:
     split: np.ndarray
     position: np.ndarray
     token_id: np.ndarray
+    position_kind: np.ndarray
 
     def __len__(self) -> int:
         return len(self.prompt_id)
@@ -113,7 +119,8 @@ class RowMeta:
     def empty() -> "RowMeta":
         """Zero rows."""
         strings = {name: np.empty(0, dtype=object) for name in STRING_FIELDS}
-        return RowMeta(**strings, position=np.empty(0, np.int32), token_id=np.empty(0, np.int32))
+        return RowMeta(**strings, position=np.empty(0, np.int32), token_id=np.empty(0, np.int32),
+                       position_kind=np.empty(0, np.int8))
 
 
 def prompt_ids_digest(prompt_ids: np.ndarray | list[str]) -> str:
@@ -128,8 +135,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no activation store at {directory}: {MANIFEST_NAME} missing")
     manifest = read_json(path, "activation store manifest")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"{path} has schema_version {version!r}; this reader supports {SCHEMA_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{path} has schema_version {version!r}; this reader supports "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}")
     for key in ("layers", "d_model", "dtype", "positions", "shards"):
         if key not in manifest:
             raise ValueError(f"{path} lacks the required key {key!r}")

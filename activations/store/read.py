@@ -1,4 +1,4 @@
-"""Read an activation shard store (schema version 1, see docs/shards.md).
+"""Read an activation shard store (schema versions 1 and 2, see docs/shards.md).
 
 `ActivationStore(dir)` checks the manifest against the files (existence and byte size always, sha256
 with `verify=True`), then serves float32 activation rows of one layer, optionally filtered by split
@@ -13,8 +13,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from activations.records import CATEGORIES, SPLITS
 from activations.io import file_sha256
+from activations.positions import RESPONSE_START, UNKNOWN
+from activations.records import CATEGORIES, SPLITS
 from activations.store.format import (
     BF16_ATTR,
     META_FIELDS,
@@ -36,11 +37,26 @@ def open_shard(path: Path) -> h5py.File:
         raise ValueError(f"activation shard {path} is corrupt or truncated ({exc})") from None
 
 
+def _derived_kinds(prompt_id: np.ndarray) -> np.ndarray:
+    """Kinds of a schema-1 shard: unknown, except each prompt's last row (the response start)."""
+    kinds = np.full(len(prompt_id), UNKNOWN, dtype=np.int8)
+    if len(prompt_id):
+        last = np.append(prompt_id[1:] != prompt_id[:-1], True)  # a prompt's rows are contiguous
+        kinds[last] = RESPONSE_START
+    return kinds
+
+
 def read_shard_meta(path: Path, expected_rows: int | None = None) -> RowMeta:
-    """All row metadata of one shard; checks every column has `expected_rows` rows."""
+    """All row metadata of one shard; checks every column has `expected_rows` rows.
+
+    A schema-1 shard has no `position_kind` column: its kinds are derived (`_derived_kinds`).
+    """
     with open_shard(path) as f:
         columns: dict[str, np.ndarray] = {}
         for name in META_FIELDS:
+            if name == "position_kind" and name not in f and int(f.attrs.get("schema_version", 1)) == 1:
+                columns[name] = _derived_kinds(columns["prompt_id"])
+                continue
             if name not in f:
                 raise ValueError(f"activation shard {path} lacks the dataset {name!r}")
             ds = f[name]
@@ -111,6 +127,11 @@ class ActivationStore:
     def positions(self) -> str:
         """`last` (one row per prompt) or `all` (one row per prompt token)."""
         return str(self.manifest["positions"])
+
+    @property
+    def schema_version(self) -> int:
+        """The manifest's schema version (1: no per-row position kinds; 2: with them)."""
+        return int(self.manifest["schema_version"])
 
     @property
     def n_rows(self) -> int:

@@ -1,4 +1,4 @@
-"""Write an activation shard store (schema version 1, see docs/shards.md), crash-safely and resumably.
+"""Write an activation shard store (schema version 2, see docs/shards.md), crash-safely and resumably.
 
 `ShardWriter` buffers whole prompts and writes a shard once `rows_per_shard` rows are buffered:
 the shard goes to a temp file in the same folder, is fsynced and `os.replace`d into place, and only
@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from activations.positions import CONTENT, POSITION_KINDS, RESPONSE_START
 from activations.records import CATEGORIES, SPLITS
 from activations.store.commit import concat_rows, publish_shard, write_temp_shard
 from activations.io import write_json
@@ -193,6 +194,7 @@ class ShardWriter:
         positions: np.ndarray,
         token_ids: np.ndarray,
         activations: Mapping[int, np.ndarray],
+        position_kinds: np.ndarray | None = None,
     ) -> None:
         """Buffer the rows of one prompt; writes a shard when `rows_per_shard` rows are buffered.
 
@@ -200,6 +202,9 @@ class ShardWriter:
             positions: `(k,)` token indices in the unpadded prompt.
             token_ids: `(k,)` token ids at those positions.
             activations: layer → `(k, d_model)` float array (or uint16 bfloat16 bits for a bfloat16 store).
+            position_kinds: `(k,)` codes of `activations.positions.POSITION_KINDS`; None = every row is
+                user content except the prompt's last row, the response start (what a prompt without
+                a chat template is).
         """
         if prompt_id in self._seen_ids:
             raise ValueError(f"prompt {prompt_id!r} is already in the store {self.directory}")
@@ -215,12 +220,20 @@ class ShardWriter:
                 f"prompt {prompt_id!r}: got {k} positions and {len(token_ids)} token ids "
                 f"(positions mode {self.positions!r})"
             )
+        if position_kinds is None:
+            kinds = np.full(k, CONTENT, dtype=np.int8)
+            kinds[-1] = RESPONSE_START
+        else:
+            kinds = np.asarray(position_kinds, dtype=np.int8).reshape(-1)
+            if len(kinds) != k or kinds.min() < 0 or kinds.max() >= len(POSITION_KINDS):
+                raise ValueError(f"prompt {prompt_id!r}: position_kinds must be {k} codes in [0, {len(POSITION_KINDS)})")
         row = {
             "prompt_id": np.full(k, prompt_id, dtype=object),
             "category": np.full(k, category, dtype=object),
             "split": np.full(k, split, dtype=object),
             "position": positions,
             "token_id": token_ids,
+            "position_kind": kinds,
         }
         for layer in self.layers:
             if layer not in activations:

@@ -254,3 +254,52 @@ def stable_features(
                 counts[j] = counts.get(j, 0) + 1
         result[cat] = sorted(j for j, c in counts.items() if c >= min_seeds)
     return result
+
+
+def feature_matches(
+    features: Sequence[int], seed: int, matchings: Mapping[tuple[int, int], Matching], seeds: Sequence[int]
+) -> dict[int, dict[int, tuple[int, float]]]:
+    """For each latent of `seed` in `features`: `{other seed: (matched latent, decoder cosine)}` (Hungarian
+    partner in every other seed of `seeds`; unmatched latents are left out)."""
+    out: dict[int, dict[int, tuple[int, float]]] = {int(f): {} for f in features}
+    for t in seeds:
+        if t == seed:
+            continue
+        m = _pair_matching(matchings, seed, t)
+        for f in out:
+            if m.perm[f] >= 0:
+                out[f][t] = (int(m.perm[f]), float(m.cosine[f]))
+    return out
+
+
+def consensus_features(
+    selected: Mapping[int, Mapping[str, Sequence[int]]],
+    matchings: Mapping[tuple[int, int], Matching],
+    min_seeds: int,
+    min_cosine: float,
+) -> dict[int, dict[str, list[int]]]:
+    """Per seed and category, the selected features the seeds agree on: `{seed: {category: ids}}`.
+
+    A feature f selected for category c on seed s is matched in seed t when its Hungarian partner in t
+    has decoder cosine >= `min_cosine` and t also selected that partner for c. It is kept when it is
+    matched in at least `min_seeds` seeds, s itself included (so `min_seeds=1` keeps every selection).
+    """
+    categories = _check_categories(selected)
+    seeds = sorted(selected)
+    if not 1 <= min_seeds <= len(seeds):
+        raise ValueError(f"min_seeds must be in [1, {len(seeds)}], got {min_seeds}")
+    if not -1.0 <= min_cosine <= 1.0:
+        raise ValueError(f"min_cosine must be in [-1, 1], got {min_cosine}")
+    result: dict[int, dict[str, list[int]]] = {}
+    for s in seeds:
+        result[s] = {}
+        for cat in categories:
+            ids = [int(i) for i in selected[s][cat]]
+            matches = feature_matches(ids, s, matchings, seeds)
+            kept = []
+            for f in ids:
+                agree = sum(1 for t, (j, cos) in matches[f].items() if cos >= min_cosine and j in set(selected[t][cat]))
+                if 1 + agree >= min_seeds:
+                    kept.append(f)
+            result[s][cat] = sorted(kept)
+    return result

@@ -1,7 +1,7 @@
 """`refusal-sae pipeline -c CONFIG --out DIR`: every stage, resumably, then summary.json + report.html.
 
 Stages (each skipped when its stamp matches its inputs' hashes, so a rerun after a crash resumes):
-prompts → refusal_tokens → harvest → train → select → vectors → gates → evaluate → analyze.
+prompts → refusal_tokens → harvest → train → select → vectors → gates → evaluate → analyze → features.
 The config is validated whole (unknown keys, wrong types) before the first stage runs.
 """
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any
 
 from analysis.pipeline.config import OLD_KEYS, OLD_SECTIONS, PipelineConfig
 from analysis.pipeline.runner import Stage, StageRunner
-from analysis.stages import analyze, evaluate, gates, harvest, prompts, refusal_tokens, select, train, vectors
+from analysis.stages import analyze, evaluate, features, gates, harvest, prompts, refusal_tokens, select, train, vectors
 from analysis.stages.command import Command
 from analysis.stages.context import PipelineStage, RunContext
 
 PIPELINE: tuple[PipelineStage, ...] = (
     prompts.STAGE, refusal_tokens.STAGE, harvest.STAGE, train.STAGE, select.STAGE, vectors.STAGE, gates.STAGE,
-    evaluate.STAGE, analyze.STAGE,
+    evaluate.STAGE, analyze.STAGE, features.STAGE,
 )
 """The stages in the order they run."""
 
@@ -40,14 +40,14 @@ def build_stages(ctx: RunContext) -> list[Stage]:
 
 
 def training_curves(ctx: RunContext) -> dict[int, dict[str, list[float]]]:
-    """Per-seed logged metrics from `train/seed_<s>/metrics.csv` (columns step, fvu, l0, dead_fraction)."""
+    """Per-seed logged metrics from `train/seed_<s>/metrics.csv` (columns step, fvu, l0, auxk_dead_fraction)."""
     curves: dict[int, dict[str, list[float]]] = {}
     for seed in ctx.cfg.train.seeds:
         path = ctx.stage_dir(train.NAME) / f"seed_{seed}" / "metrics.csv"
         if not path.is_file():
             continue
         rows = list(csv.DictReader(path.read_text().splitlines()))
-        keys = [k for k in ("step", "fvu", "l0", "dead_fraction") if rows and k in rows[0]]
+        keys = [k for k in ("step", "fvu", "l0", "auxk_dead_fraction") if rows and k in rows[0]]
         if len(keys) > 1:
             curves[seed] = {k: [float(r[k]) for r in rows if r.get(k) not in (None, "")] for k in keys}
     return curves

@@ -12,6 +12,7 @@ from analysis.reporting.summary import SCHEMA_VERSION, validate_summary
 from analysis.stages.analyze import analysis_path
 from analysis.stages.context import RunContext
 from analysis.stages.evaluate import results_path
+from analysis.stages.features import cards_path, read_cards
 from analysis.stages.prompts import manifest_path
 from analysis.stages.select import REPORT_NAME as SELECT_REPORT
 from analysis.stages.select import selection_dir
@@ -27,10 +28,27 @@ def _value_entry(entry: dict[str, Any], key: str) -> dict[str, Any]:
     return {"value": entry[key], "ci": entry["ci"], "n": entry["n"]}
 
 
+SPLICE_KEYS = ("ce_recovered", "kl", "decision_fidelity")
+
+
+def sae_quality_summary(m: dict[str, Any]) -> dict[str, Any]:
+    """One seed's entry of summary.json `sae`: held-out fvu / l0 (all rows and per position kind),
+    dead and dense fractions, and the spliced scores per site (flat keys)."""
+    out = {k: m.get(k) for k in ("fvu", "l0", "dead_fraction", "dense_fraction", "n_rows", "metrics_split", "held_out")}
+    for kind, scores in (m.get("by_kind") or {}).items():
+        out[f"fvu_{kind}"], out[f"l0_{kind}"], out[f"n_rows_{kind}"] = scores["fvu"], scores["l0"], scores["n_rows"]
+    for site, scores in (m.get("splice") or {}).items():
+        if isinstance(scores, dict):
+            out.update({f"{key}_{site}": scores.get(key) for key in SPLICE_KEYS})
+            out[f"ce_recovered_{site}_ci"] = scores.get("ce_recovered_ci")
+    return out
+
+
 def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: float) -> dict[str, Any]:
     """summary.json contents from the stage outputs of the run."""
     prompts = _read(manifest_path(ctx))
-    sae_metrics = _read(ctx.stage_dir(TRAIN) / "metrics.json")["seeds"]
+    train_metrics = _read(ctx.stage_dir(TRAIN) / "metrics.json")
+    sae_metrics = train_metrics["seeds"]
     select = _read(selection_dir(ctx, "sae") / SELECT_REPORT)
     reference = f"seed_{select['reference_seed']}"
     probe_eval = select["runs"][reference]["probe_eval"]
@@ -48,7 +66,8 @@ def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
         "seeds": list(ctx.cfg.train.seeds),
         "splits": {name: {"n": s["n"], "sha256": s["sha256"], "categories": s["categories"]}
                    for name, s in prompts["splits"].items()},
-        "sae": {str(seed): {k: m[k] for k in ("fvu", "l0", "dead_fraction")} for seed, m in sae_metrics.items()},
+        "sae": {str(seed): sae_quality_summary(m) for seed, m in sae_metrics.items()},
+        "sae_training_rows": train_metrics.get("training_rows"),
         "probe": {
             "space": f"sae latents, {reference}",
             "accuracy": {"value": probe_eval["accuracy"]["rate"], "ci": probe_eval["accuracy"]["ci"],
@@ -59,7 +78,8 @@ def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
             "residual_macro_f1": {k: residual_eval["macro_f1"][k] for k in ("value", "ci", "n")},
         },
         "stability": {"matched_cosine_mean": stability.get("matched_cosine_mean"),
-                      "feature_jaccard": stability.get("feature_jaccard", {})},
+                      "feature_jaccard": stability.get("feature_jaccard", {}),
+                      "consensus_features": select.get("consensus")},
         "geometry": {space: {k: m[k] for k in ("silhouette", "davies_bouldin", "calinski_harabasz")}
                      for space, m in analysis["geometry"]["metrics"].items()},
         "refusal": results["refusal"],
@@ -80,6 +100,12 @@ def _features_for_report(ctx: RunContext) -> dict[str, list[dict[str, Any]]]:
              "activation_frequency": {c: v[i] for c, v in entry["activation_frequency"].items()}}
             for i, (fid, w, f) in enumerate(zip(entry["feature_ids"], entry["weights"], freqs))
         ]
+        dense = entry.get("dense_features") or {}
+        rows[category] += [
+            {"feature": fid, "weight": w, "selection_frequency": None, "dense": True,
+             "activation_frequency": {c: v[i] for c, v in dense["activation_frequency"].items()}}
+            for i, (fid, w) in enumerate(zip(dense.get("feature_ids", []), dense.get("weights", [])))
+        ]
     return rows
 
 
@@ -94,7 +120,7 @@ def write_outputs(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
     write_json(ctx.root / "summary.json", summary)
     results = _read(results_path(ctx))
     analysis = _read(analysis_path(ctx))
-    seed_table = [{"seed": seed, **summary["sae"][seed],
+    seed_table = [{"seed": seed, **{k: summary["sae"][seed][k] for k in ("fvu", "l0", "dead_fraction")},
                    "ablate_harmful_refusal": results["ablate_by_seed"][seed]["harmful_refusal"]["rate"],
                    "ablate_over_refusal": results["ablate_by_seed"][seed]["over_refusal"]["rate"]}
                   for seed in summary["sae"] if seed in results["ablate_by_seed"]]
@@ -103,6 +129,8 @@ def write_outputs(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
         split_manifest=_read(manifest_path(ctx)),
         training_curves=curves or None,
         features=_features_for_report(ctx),
+        feature_cards=read_cards(cards_path(ctx)) if cards_path(ctx).is_file() else None,
+        sae_training_rows=summary.get("sae_training_rows"),
         tradeoff_points=results["sweep"],
         embedding_pngs={k: Path(v) for k, v in analysis["geometry"]["pngs"].items()},
         seed_table=seed_table,

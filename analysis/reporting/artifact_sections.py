@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from analysis.reporting.feature_pages import feature_cards_html
 from analysis.reporting.plots import ordered_labels, plot_tradeoff
 from analysis.reporting.html import (
     FigureMaker, Section, esc, figure, is_rate, rate_cell, records_table, row_header, table, value_cell, yaml_block,
@@ -35,32 +36,51 @@ def _feature_header(act_cats: Sequence[str]) -> str:
     return top + "<tr>" + "".join(f"<th>{esc(c)}</th>" for c in act_cats) + "</tr>"
 
 
-def features_section(features: Mapping[str, Sequence[Mapping[str, Any]]] | None) -> Section | None:
-    """Per category, its top features by selection frequency then |weight|, with activation frequencies.
+def features_section(features: Mapping[str, Sequence[Mapping[str, Any]]] | None,
+                     cards: Sequence[Mapping[str, Any]] | None = None) -> Section | None:
+    """Per category, its selected features by selection frequency then |weight|, with activation
+    frequencies; features flagged dense (fire on every category) are listed apart; then one card per
+    selected feature (`analysis.reporting.feature_pages`) when `cards` are given.
 
-    Each row: `{feature: int, weight: float, selection_frequency: float, activation_frequency: {cat: float}}`.
-    The activation-frequency column of the feature's own category is highlighted.
+    Each row: `{feature: int, weight: float, selection_frequency: float | None, activation_frequency:
+    {cat: float}}`, optionally `dense: true`. The activation-frequency column of the feature's own
+    category is highlighted.
     """
-    if not features:
+    if not features and not cards:
         return None
     body = []
-    for category in ordered_labels(list(features)):
-        rows = list(features[category])
+    for category in ordered_labels(list(features or {})):
+        rows = list(features[category])  # type: ignore[index]
         for i, row in enumerate(rows):
             _check_feature_row(category, i, row)
-        ranked = sorted(rows, key=lambda r: (-float(r["selection_frequency"]), -abs(float(r["weight"]))))[:TOP_FEATURES]
+        dense = [r for r in rows if r.get("dense")]
+        rows = [r for r in rows if not r.get("dense")]
+        ranked = sorted(rows, key=lambda r: (-float(r["selection_frequency"] or 0.0), -abs(float(r["weight"]))))[:TOP_FEATURES]
         act_cats = ordered_labels([c for r in ranked for c in r["activation_frequency"]])
         cells = []
         for rank, row in enumerate(ranked, start=1):
             freq = row["activation_frequency"]
             act = [_highlight(value_cell(freq.get(c))) if c == category else value_cell(freq.get(c)) for c in act_cats]
             cells.append([value_cell(rank), value_cell(row["feature"]), value_cell(float(row["weight"])),
-                          value_cell(float(row["selection_frequency"])), *act])
+                          value_cell(row["selection_frequency"]), *act])
         shown = f"top {len(ranked)} of {len(rows)}" if rows else "no features selected"
-        body.append(f"<h3>{esc(category)} <small>({esc(shown)})</small></h3>"
-                    + (table([], cells, header_html=_feature_header(act_cats)) if ranked else ""))
+        text = (f"<h3>{esc(category)} <small>({esc(shown)})</small></h3>"
+                + (table([], cells, header_html=_feature_header(act_cats)) if ranked else ""))
+        if dense:
+            listed = ", ".join(f"{int(r['feature'])} (fires on ≥ {min(r['activation_frequency'].values()):.0%} of every category)"
+                               for r in dense)
+            text += f'<p class="caption">Dense, not presented as {esc(category)} features: {esc(listed)}.</p>'
+        body.append(text)
     note = ("<p>Selection frequency: share of bootstrap fits that kept the feature. Activation frequency: share of "
-            "eval rows of each category on which the feature fires (own category highlighted).</p>")
+            "extract rows (last prompt token) of each category on which the feature fires (own category highlighted). "
+            "A feature that fires on more than 10% of the rows of every category is a dense latent: it is listed "
+            "apart, not as a category feature.</p>")
+    if cards:
+        body.append("<h3>Feature pages</h3><p>One card per selected feature of the reference seed: the prompts "
+                    "(extract / calibrate only) where it fires most, each token shaded by its activation and the peak "
+                    "outlined with its value; what it does per category; the logit lens of its decoder row; its "
+                    "decoder cosine with the category's mean-difference vector; its Hungarian match in the other "
+                    "seeds.</p>" + feature_cards_html(cards))
     return Section("features", note + "\n".join(body))
 
 

@@ -19,7 +19,7 @@ from analysis.reporting.plots import png_to_data_uri
 
 SECTION_TITLES: dict[str, str] = {
     "splits": "Data splits",
-    "sae": "SAE training",
+    "sae": "SAE training and quality",
     "probe": "Probe accuracy",
     "features": "Selected features",
     "refusal": "Refusal by condition",

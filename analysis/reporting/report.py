@@ -18,6 +18,7 @@ from typing import Any
 
 from activations.io import write_text_atomic
 from analysis.reporting import artifact_sections as report_extra_sections, sections as report_sections
+from analysis.reporting.feature_pages import CARD_STYLE
 from analysis.reporting.html import FigureMaker, Section, esc, key_values
 from analysis.reporting.summary import validate_summary
 
@@ -32,6 +33,8 @@ class ReportExtras:
     split_manifest: `PromptSet.manifest()` (per split n, per-category counts, sha256; sources).
     training_curves: seed → metric → values, e.g. {"step": [...], "fvu": [...], "l0": [...]}.
     features: category → rows `{feature, weight, selection_frequency, activation_frequency: {cat: float}}`.
+    feature_cards: one dict per selected feature (`probes.feature_cards.build_feature_cards`): its page.
+    sae_training_rows: how many rows each SAE training-row rule removed (`sae.rows.RowSelection.to_dict`).
     tradeoff_points: `{condition, strength, over_refusal: {rate, ci, n}, harmful: {rate, ci, n}}` dicts.
     embedding_pngs: space name → PNG from `analysis.evaluation.geometry.plot_embeddings` (inlined).
     seed_table: one dict per seed (metrics and per-seed refusal rates).
@@ -44,6 +47,8 @@ class ReportExtras:
     split_manifest: dict[str, Any] | None = None
     training_curves: dict[int, dict[str, list[float]]] | None = None
     features: dict[str, list[dict[str, Any]]] | None = None
+    feature_cards: list[dict[str, Any]] | None = None
+    sae_training_rows: dict[str, Any] | None = None
     tradeoff_points: list[dict[str, Any]] | None = None
     embedding_pngs: dict[str, Path] | None = None
     seed_table: list[dict[str, Any]] | None = None
@@ -95,9 +100,9 @@ def _sections(summary: dict[str, Any], extras: ReportExtras, figs: FigureMaker) 
     """Every section with something to show, in page order."""
     candidates = [
         report_sections.splits_section(summary["splits"], extras.split_manifest),
-        report_sections.sae_section(summary["sae"], extras.training_curves, figs),
+        report_sections.sae_section(summary["sae"], extras.training_curves, figs, extras.sae_training_rows),
         report_sections.probe_section(summary["probe"]),
-        report_extra_sections.features_section(extras.features),
+        report_extra_sections.features_section(extras.features, extras.feature_cards),
         report_sections.refusal_section(summary["refusal"], figs),
         report_extra_sections.tradeoff_section(extras.tradeoff_points, figs),
         report_extra_sections.vectors_section(extras.per_category_vectors),
@@ -128,7 +133,7 @@ def render_report(summary: dict[str, Any], extras: ReportExtras | None = None) -
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{esc(title)}</title>",
-        f"<style>{STYLE}</style></head>",
+        f"<style>{STYLE}{CARD_STYLE}</style></head>",
         "<body><main>",
         f"<header><h1>{esc(title)}</h1>{key_values(report_sections.header_facts(summary, generated))}</header>",
         f'<nav class="toc"><strong>Contents</strong><ol>{toc}</ol></nav>',

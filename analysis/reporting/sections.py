@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 from activations.records import REFUSAL_CATEGORIES
 from analysis.reporting.plots import ordered_labels, plot_rate_bars, plot_training_curves, png_to_data_uri
 from analysis.reporting.html import (
-    FigureMaker, Section, esc, figure, key_values, rate_cell, row_header, table, value_cell, yaml_block,
+    FigureMaker, Section, esc, figure, fmt_num, key_values, rate_cell, row_header, table, value_cell, yaml_block,
 )
 from analysis.reporting.summary import REQUIRED_CONDITIONS, REQUIRED_KEYS
 
@@ -70,13 +70,55 @@ def _manifest_html(splits: Mapping[str, Any], manifest: Mapping[str, Any]) -> st
     return "\n".join(parts)
 
 
+SAE_METRICS: tuple[tuple[str, str], ...] = (
+    ("fvu", "FVU, all evaluation rows"),
+    ("fvu_content", "FVU, user-content rows"),
+    ("fvu_response_start", "FVU, response-start rows"),
+    ("l0", "L0 (active latents per row)"),
+    ("l0_content", "L0, user-content rows"),
+    ("l0_response_start", "L0, response-start rows"),
+    ("dead_fraction", "dead latents (fire on no row)"),
+    ("dense_fraction", "dense latents (fire on > 10% of rows)"),
+    ("ce_recovered_content", "CE loss recovered, splice at content"),
+    ("ce_recovered_response_start", "CE loss recovered, splice at response start"),
+    ("kl_content", "KL to clean, splice at content"),
+    ("kl_response_start", "KL to clean, splice at response start"),
+    ("decision_fidelity_content", "decision unchanged, splice at content"),
+    ("decision_fidelity_response_start", "decision unchanged, splice at response start"),
+    ("n_rows", "evaluation rows"),
+    ("metrics_split", "evaluation split"),
+    ("held_out", "held out from training"),
+)
+"""The SAE-quality rows of the report, in order (metrics a seed lacks show as —)."""
+
+
+def _metric_cell(value: Any, ci: Any = None) -> str:
+    if ci and isinstance(value, (int, float)) and all(isinstance(c, (int, float)) for c in ci):
+        return f'<td class="num">{esc(fmt_num(float(value)))} <span class="ci">[{ci[0]:.3f}, {ci[1]:.3f}]</span></td>'
+    return value_cell(value)
+
+
 def sae_section(sae: Mapping[str, Any], curves: Mapping[int, Mapping[str, Sequence[float]]] | None,
-                figs: FigureMaker) -> Section:
-    """Final SAE metrics per seed, and training curves (one line per seed) when given."""
-    metrics = list(dict.fromkeys(["fvu", "l0", "dead_fraction", *(k for m in sae.values() for k in m)]))
-    rows = [[row_header(f"seed {seed}")] + [value_cell(sae[seed].get(m)) for m in metrics] for seed in _seed_order(list(sae))]
-    body = [table(["seed", *metrics], rows, "FVU: fraction of variance unexplained; L0: active latents per row; "
-                                            "dead fraction: latents that never fired.")]
+                figs: FigureMaker, training_rows: Mapping[str, Any] | None = None) -> Section:
+    """SAE quality per seed (one column per seed): held-out FVU / L0 per position kind, dead and dense
+    latents, the spliced CE recovered / KL / decision fidelity; the training-row counts and curves."""
+    seeds = _seed_order(list(sae))
+    known = [k for k, _ in SAE_METRICS]
+    extra = [k for s in seeds for k in sae[s] if k not in known and not k.endswith("_ci") and not k.startswith("n_rows_")]
+    rows = []
+    for key, label in [*SAE_METRICS, *((k, k) for k in dict.fromkeys(extra))]:
+        if any(key in sae[s] for s in seeds):
+            rows.append([row_header(label)] + [_metric_cell(sae[s].get(key), sae[s].get(f"{key}_ci")) for s in seeds])
+    body = [table(["metric", *(f"seed {s}" for s in seeds)], rows,
+                  "Scored on rows the SAEs were not trained on (the evaluation split, the kinds trained on, no attention "
+                  "sink). Dead: fires on none of the evaluation rows; dense: fires on more than 10% of them. Spliced: "
+                  "the layer's output replaced by the reconstruction; CE recovered = (CE_zero − CE_spliced) / (CE_zero "
+                  "− CE_clean) with a bootstrap 95% CI over prompts; decision unchanged: first-token refusal decision, "
+                  "Wilson 95% CI.")]
+    if training_rows:
+        removed = ", ".join(f"{esc(rule)} {esc(n)}" for rule, n in (training_rows.get("removed") or {}).items())
+        body.append(f"<p>Training rows: {esc(training_rows.get('candidates'))} in the training split; removed {removed}; "
+                    f"{esc(training_rows.get('kept'))} kept.</p>")
     if curves:
         uri = figs.plot(plot_training_curves, curves)  # no suptitle: it overlaps the panel titles
         body.append(figure(uri, "Training curves, one line per seed."))

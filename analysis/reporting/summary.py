@@ -4,7 +4,9 @@ Schema version 1 (documented in the README):
     schema_version: 1
     model: str; layers: [int]; seeds: [int]
     splits: {extract|calibrate|eval: {n, sha256, categories: {cat: n}}}
-    sae: {seed: {fvu, l0, dead_fraction}}
+    sae: {seed: {fvu, l0, dead_fraction, dense_fraction, fvu_content, fvu_response_start, ...,
+                 ce_recovered_<site>, kl_<site>, decision_fidelity_<site>: {rate, ci, n}}}
+         (held-out SAE quality, `analysis.pipeline.outputs.sae_quality_summary`; sites content, response_start)
     probe: {accuracy: {value, ci, n}, macro_f1: {value, ci, n}}
     stability: {matched_cosine_mean, feature_jaccard: {cat: float}}
     geometry: {space: {silhouette, davies_bouldin, calinski_harabasz}}
@@ -89,4 +91,7 @@ def validate_summary(summary: dict[str, Any], eval_counts: dict[str, int] | None
         for key in ("fvu", "l0", "dead_fraction"):
             if key not in metrics:
                 problems.append(f"sae.{seed}: missing '{key}'")
+        for key, entry in metrics.items():
+            if key.startswith("decision_fidelity") and isinstance(entry, dict):
+                _check_interval(f"sae.{seed}.{key}", entry.get("rate"), entry.get("ci"), entry.get("n"), problems)
     return problems

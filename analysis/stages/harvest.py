@@ -6,7 +6,8 @@
 Rerunning the same command after an interruption resumes it (prompts already stored are skipped).
 Besides the shards, `OUT/prompts.json` records the prompt set's split manifest. In the pipeline the
 stage writes `RUN/harvest/last` (last-token rows of every prompt, every layer), `RUN/harvest/all`
-(every token of the extract prompts at the primary layer, for the SAEs) and, when refusal tokens
+(every token of the extract and calibrate prompts at the primary layer: the SAEs train on extract
+and are scored on calibrate; the feature pages show both) and, when refusal tokens
 were fitted, `RUN/harvest/base_last` (the base model's last-token extract rows, for model diffing).
 """
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _harvest(ctx: RunContext, which: str, records: list, layers: list[int], posi
 
 
 def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
-    """Last-token rows of every prompt at all layers; all-token rows of extract prompts for the SAEs.
+    """Last-token rows of every prompt at all layers; all-token rows of extract + calibrate prompts for the SAEs.
 
     With a fitted refusal-token model, the base model's last-token extract rows are also harvested
     for model diffing (vectors are fitted on extract rows only).
@@ -113,7 +114,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     out, layers = ctx.stage_dir(NAME), ctx.layers()
     result = {
         "last": _harvest(ctx, "target", list(ctx.prompts.records), layers, "last", out / "last"),
-        "all": _harvest(ctx, "target", ctx.split("extract"), [ctx.layer], "all", out / "all"),
+        "all": _harvest(ctx, "target", ctx.split("extract") + ctx.split("calibrate"), [ctx.layer], "all", out / "all"),
     }
     if ctx.cfg.refusal_tokens.enabled:
         result["base_last"] = _harvest(ctx, "base", ctx.split("extract"), layers, "last", out / "base_last")
@@ -121,7 +122,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
 
 
 def store_dir(ctx: RunContext, which: str = "last") -> Path:
-    """A store of this run's harvest: "last" (every prompt), "all" (extract tokens) or "base_last"."""
+    """A store of this run's harvest: "last" (every prompt), "all" (extract + calibrate tokens) or "base_last"."""
     return ctx.stage_dir(NAME) / which
 
 

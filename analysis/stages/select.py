@@ -11,8 +11,15 @@ For each feature space â€” raw residual units, or the latents of each SAE seed â
 3. fits one binary head per refusal category (`fit_ovr_heads`) and evaluates each on eval rows;
 4. runs stability selection on bootstrap resamples of extract at the chosen C (`n_bootstrap=0`:
    plain top-K of the head) and keeps at most `top_k` features per class;
-5. measures each feature's activation frequency per category on extract rows (fraction > tau);
+5. measures each feature's activation frequency per category on extract rows (fraction > tau) and,
+   in SAE space, moves features that fire on more than `dense_frequency` of the rows of every
+   category (dense latents, not category features) from the selection to `dense_features`;
 6. writes `features.json`, `head.*`, `ovr/<category>.*` and `stability.safetensors`.
+
+With several SAE seeds it then keeps the **consensus** features (`consensus.json`): a feature selected
+for a category on one seed survives when, in at least `consensus_min_seeds` seeds (itself included),
+the Hungarian partner of its decoder row has cosine >= `consensus_min_cosine` and was selected for
+the same category (`analysis.evaluation.stability.consensus_features`).
 
 Layout: residual space writes into `OUT/`; SAE space into `OUT/seed_<s>/` per seed, plus
 `OUT/features.json` and `OUT/head.*` of the reference (first) seed. `OUT/select_report.json` holds
@@ -32,6 +39,7 @@ import numpy as np
 from activations.io import save_numpy_tensors, write_json
 from activations.records import BENIGN, CONTRAST, REFUSAL_CATEGORIES, SPLITS
 from activations.store import ActivationStore
+from analysis.evaluation.stability import consensus_features, match_all_pairs
 from analysis.stages.command import Command
 from analysis.stages.context import PipelineStage, RunContext
 from probes.heads import HeadResult, evaluate_head, fit_ovr_heads, select_l1_head
@@ -40,13 +48,18 @@ from probes.metrics import classification_summary
 from probes.rows import (
     CONTRAST_MODES, LabelledRows, keep_classes, load_last_token_rows, model_name, open_store, require_rows, row_counts,
 )
-from probes.selection import ClassSelection, activation_frequency, stability_selection, top_k_features, write_features_json
+from probes.selection import (
+    ClassSelection, activation_frequency, dense_everywhere, split_dense, stability_selection, top_k_features,
+    write_features_json,
+)
 from sae.model import SparseAutoencoder
+from sae.quality import DENSE_THRESHOLD
 
 NAME = "select"
 
 REPORT_NAME = "select_report.json"
 FEATURES_NAME = "features.json"
+CONSENSUS_NAME = "consensus.json"
 
 
 @dataclass
@@ -64,6 +77,10 @@ class Config:
         categories: refusal categories separated from benign.
         n_boot_ci: bootstrap resamples of the macro-F1 CI.
         batch_size: rows per SAE encoding batch.
+        dense_frequency: an SAE latent firing on more than this fraction of the extract rows of every
+            category is dense: reported under `dense_features`, not as a class feature (None = keep it).
+        consensus_min_seeds: seeds that must agree on a feature (default: max(2, half the seeds)).
+        consensus_min_cosine: decoder cosine of a match across seeds.
     """
 
     top_k: int = 10
@@ -77,8 +94,17 @@ class Config:
     categories: list[str] = field(default_factory=lambda: list(REFUSAL_CATEGORIES))
     n_boot_ci: int = 1000
     batch_size: int = 4096
+    dense_frequency: float | None = DENSE_THRESHOLD
+    consensus_min_seeds: int | None = None
+    consensus_min_cosine: float = 0.7
 
     def __post_init__(self) -> None:
+        if self.dense_frequency is not None and not 0.0 <= self.dense_frequency < 1.0:
+            raise ValueError(f"dense_frequency must be in [0, 1) or null, got {self.dense_frequency}")
+        if self.consensus_min_seeds is not None and self.consensus_min_seeds < 1:
+            raise ValueError(f"consensus_min_seeds must be >= 1, got {self.consensus_min_seeds}")
+        if not -1.0 <= self.consensus_min_cosine <= 1.0:
+            raise ValueError(f"consensus_min_cosine must be in [-1, 1], got {self.consensus_min_cosine}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.n_bootstrap < 0:
@@ -139,10 +165,13 @@ def _select_one(rows: LabelledRows, out: Path, meta: dict[str, Any], cfg: Config
     else:
         selections, method = top_k_features(head, top_k), "top_k"
     act_freq = activation_frequency(extract, tau)
-    features_meta = {**meta, "method": method, "C": head.C, "top_k": top_k, "n_bootstrap": n_bootstrap,
+    dense: dict[str, ClassSelection] | None = None
+    if meta["space"] == "sae" and cfg.dense_frequency is not None:
+        selections, dense = split_dense(selections, dense_everywhere(act_freq, cfg.dense_frequency))
+    features_meta = {**meta, "method": method, "dense_frequency": cfg.dense_frequency if dense is not None else None, "C": head.C, "top_k": top_k, "n_bootstrap": n_bootstrap,
                      "stability_threshold": threshold if n_bootstrap > 0 else None, "c_grid": [float(c) for c in c_grid],
                      "contrast_as": contrast_as, "tau": tau, "n_features": rows.d, "splits": head.meta["splits"]}
-    write_features_json(str(out / FEATURES_NAME), selections, act_freq, probe_eval, features_meta)
+    write_features_json(str(out / FEATURES_NAME), selections, act_freq, probe_eval, features_meta, dense)
     head.save(str(out / "head"))
     ovr_report = {}
     for category, ovr_head in ovr.items():
@@ -158,9 +187,10 @@ def _select_one(rows: LabelledRows, out: Path, meta: dict[str, Any], cfg: Config
         "calibrate_macro_f1": head.meta["calibrate_macro_f1"], "converged": head.meta["converged"],
         "probe_eval": probe_eval, "n_features": rows.d,
         "selected": {c: s.feature_ids for c, s in selections.items()}, "ovr": ovr_report,
+        "dense": {c: d.feature_ids for c, d in (dense or {}).items()},
     }
     pieces = {"selections": selections, "act_freq": act_freq, "probe_eval": probe_eval,
-              "meta": features_meta, "head": head}
+              "meta": features_meta, "head": head, "dense": dense}
     return entry, pieces
 
 
@@ -204,18 +234,49 @@ def run_selection(
                 reference = {**pieces, "seed": sae_seed}
     if reference is not None:  # top-level copy of the reference seed's selection
         write_features_json(str(out / FEATURES_NAME), reference["selections"], reference["act_freq"],
-                            reference["probe_eval"], {**reference["meta"], "reference_seed": reference["seed"]})
+                            reference["probe_eval"], {**reference["meta"], "reference_seed": reference["seed"]},
+                            reference["dense"])
         reference["head"].save(str(out / "head"))
+    consensus = write_consensus(saes, runs, out, cfg) if saes is not None and len(saes) > 1 else None
     report = {
         "schema_version": 1, "stage": "select", **base, "sae_run": sae_run, "classes": list(classes),
         "params": {**asdict(cfg), "seed": seed},
         "rows": row_counts(rows), "dropped_rows": n_dropped,
         "reference_seed": None if reference is None else reference["seed"],
         "runs": runs,
+        "consensus": None if consensus is None else {s: {c: len(ids) for c, ids in per.items()}
+                                                     for s, per in consensus["per_seed"].items()},
         "note": "SAE latent ids are per seed (not aligned across seeds); match decoders before comparing them.",
     }
     write_json(out / REPORT_NAME, report)
     return report
+
+
+def write_consensus(saes: dict[int, SparseAutoencoder], runs: dict[str, Any], out: Path, cfg: Config) -> dict[str, Any]:
+    """The consensus features of every seed (`consensus.json`: `per_seed.<s>.<class>` = latent ids)."""
+    seeds = sorted(saes)
+    min_seeds = cfg.consensus_min_seeds or max(2, (len(seeds) + 1) // 2)
+    if min_seeds > len(seeds):
+        raise ValueError(f"consensus_min_seeds is {min_seeds} but only {len(seeds)} SAE seeds were given")
+    selected = {s: {c: [int(i) for i in ids] for c, ids in runs[f"seed_{s}"]["selected"].items()} for s in seeds}
+    matchings = match_all_pairs({s: saes[s].W_dec.detach().cpu() for s in seeds})
+    per_seed = consensus_features(selected, matchings, min_seeds, cfg.consensus_min_cosine)
+    payload = {"schema_version": 1, "min_seeds": min_seeds, "min_cosine": cfg.consensus_min_cosine, "seeds": seeds,
+               "per_seed": {str(s): per for s, per in per_seed.items()},
+               "selected": {str(s): per for s, per in selected.items()}}
+    write_json(out / CONSENSUS_NAME, payload)
+    return payload
+
+
+def read_consensus(select_dir: str | Path) -> dict[int, dict[str, list[int]]] | None:
+    """`{seed: {class: consensus latent ids}}` of a selection folder, or None when it has no consensus.json."""
+    from activations.io import read_json
+
+    path = Path(select_dir) / CONSENSUS_NAME
+    if not path.is_file():
+        return None
+    return {int(s): {c: [int(i) for i in ids] for c, ids in per.items()}
+            for s, per in read_json(path, "consensus features")["per_seed"].items()}
 
 
 # --- command -------------------------------------------------------------------------------------

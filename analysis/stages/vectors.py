@@ -10,8 +10,9 @@ pipeline (which writes `RUN/vectors/`). From the last-token extract rows at `lay
   mean of all rows of the refusal categories − mean(a | benign) (pooled, so weighted by row counts);
 - `OUT/sae_seed<s>/`: per category and SAE seed, the filtered latent mean difference decoded through
   W_dec (`probes.directions.sae_steering_vectors`), optionally restricted to the features that seed's
-  features.json selected for the category; a category whose direction is empty after filtering is
-  skipped (listed in the report), not an error;
+  features.json selected for the category — by default only the consensus features the seeds agree
+  on (`consensus.json` of the selection, `vectors.features`); a category whose direction is empty
+  after filtering is skipped (listed in the report), not an error;
 - `OUT/lowrank/`: the low-rank combination of the residual category vectors ("lowrank",
   `probes.lowrank.fit_lowrank_combination`);
 - `OUT/vectors_report.json`: norms, cosines and what each filter kept.
@@ -19,6 +20,7 @@ Contrast rows are not used (the baseline of every vector is benign).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -58,6 +60,8 @@ class Config:
         eps: whitening ridge of the low-rank combination.
         categories: refusal categories (default: all five).
         batch_size: rows per SAE encoding batch.
+        features: restrict each seed's SAE vector to its consensus features (selected and matched
+            across seeds; `select`'s consensus.json) or to every selected feature.
     """
 
     tau: float = 0.0
@@ -69,6 +73,7 @@ class Config:
     eps: float = 1e-6
     categories: list[str] = field(default_factory=lambda: list(REFUSAL_CATEGORIES))
     batch_size: int = 4096
+    features: Literal["consensus", "selected"] = "consensus"
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.categories) - set(REFUSAL_CATEGORIES))
@@ -124,6 +129,23 @@ def load_seed_features(path: str | Path, seeds: Sequence[int], layer: int | None
         else:
             raise FileNotFoundError(f"no features.json selected on SAE seed {seed} at {path} (looked for seed_{seed}/features.json)")
     return out
+
+
+def with_consensus(features: dict[int, dict[str, Any]], select_dir: str | Path) -> tuple[dict[int, dict[str, Any]], bool]:
+    """Each seed's features.json with its class feature ids replaced by the consensus ids of
+    `select_dir/consensus.json`; (unchanged, False) when there is none (e.g. one seed)."""
+    from analysis.stages.select import read_consensus
+
+    consensus = read_consensus(select_dir)
+    if consensus is None:
+        return features, False
+    out = {}
+    for seed, data in features.items():
+        if seed not in consensus:
+            raise ValueError(f"{select_dir}/consensus.json has no SAE seed {seed}")
+        per_class = {c: {**entry, "feature_ids": consensus[seed].get(c, [])} for c, entry in data["per_class"].items()}
+        out[seed] = {**data, "per_class": per_class}
+    return out, True
 
 
 def _restriction(features: Mapping[str, Any], seed: int, layer: int, d_sae: int,
@@ -191,6 +213,7 @@ def build_vectors(
     report: dict[str, Any] = {
         "schema_version": 1, "stage": "vectors", "model": model, "layer": layer, "store": str(store.directory),
         "sae_run": sae_run, "categories": list(categories), "dropped_rows": n_dropped,
+        "sae_features": None if features is None else cfg.features,
         "extract": rows.provenance()["extract"],
         "params": {"tau": cfg.tau, "top_k": cfg.top_k, "rank": cfg.lowrank_rank, "shared_frequency": cfg.shared_frequency,
                    "fire_threshold": cfg.fire_threshold, "mixing": cfg.mixing, "eps": cfg.eps},
@@ -259,6 +282,11 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
     saes = None if inputs.sae is None else load_sae_run(inputs.sae, inputs.layer, store.d_model, inputs.seeds,
                                                          resolve_device(inputs.device))
     features = None if inputs.features is None else load_seed_features(inputs.features, list(saes or {}), inputs.layer)
+    if features is not None and cfg.features == "consensus":
+        folder = inputs.features if inputs.features.is_dir() else inputs.features.parent
+        features, used = with_consensus(features, folder)
+        if not used:
+            print(f"note: no consensus.json in {folder}; SAE vectors use every selected feature", file=sys.stderr)
     return build_vectors(store, inputs.layer, saes, features, inputs.out, cfg,
                          sae_run=None if inputs.sae is None else str(inputs.sae))
 
@@ -304,6 +332,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
 
     models = run_saes(ctx)
     features = load_seed_features(selection_dir(ctx, "sae"), list(models), ctx.layer)
+    if cfg.features == "consensus":
+        features, _ = with_consensus(features, selection_dir(ctx, "sae"))
     report = build_vectors(ActivationStore(store_dir(ctx, "last")), ctx.layer, models, features, ctx.stage_dir(NAME),
                            cfg, sae_run=str(ctx.stage_dir("train")))
     return {"global_norm": report["global"]["norm"], "lowrank": report["lowrank"]["cos_global"],

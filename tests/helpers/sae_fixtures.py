@@ -54,7 +54,7 @@ def write_store(
     with writer:
         for i in range(n):
             writer.add_prompt(
-                f"p{i}", categories[i], splits[i], positions=np.array([0]), token_ids=np.array([1]),
+                f"p{i}", categories[i], splits[i], positions=np.array([7]), token_ids=np.array([1]),
                 activations={layer: x[i : i + 1]},
             )
     writer.finish()
