@@ -187,3 +187,25 @@ def test_category_cosine_paired_and_bad_input():
         category_vector_cosines(X_a, lab_a, X_b, lab_b, categories=["unsupported"])
     with pytest.raises(ValueError, match="identical label vectors"):
         category_vector_cosines(X_a, lab_a, X_b[:-1], lab_b[:-1], paired=True)
+
+
+def test_consensus_keeps_features_matched_and_selected_in_enough_seeds():
+    from analysis.evaluation.stability import consensus_features, feature_matches
+
+    rng = np.random.default_rng(3)
+    W0 = rng.normal(size=(32, 16))
+    W1, perm = _permuted_copy(W0, seed=4)  # seed 1 learned the same dictionary, permuted
+    W2 = rng.normal(size=(32, 16))  # seed 2 learned something else
+    matchings = match_all_pairs({0: W0, 1: W1, 2: W2})
+    selected = {0: {"safety": [0, 1, 2]}, 1: {"safety": [int(perm[0]), int(perm[1]), int(perm[9])]}, 2: {"safety": [3]}}
+    kept = consensus_features(selected, matchings, min_seeds=2, min_cosine=0.7)
+    assert kept[0]["safety"] == [0, 1]  # 2's partner in seed 1 was not selected
+    assert kept[1]["safety"] == sorted([int(perm[0]), int(perm[1])])  # perm[9]'s partner (9) not selected on seed 0
+    assert kept[2]["safety"] == []  # nothing in seed 2 matches the others with cosine >= 0.7
+    assert consensus_features(selected, matchings, min_seeds=1, min_cosine=0.7) == {
+        s: {c: sorted(v) for c, v in per.items()} for s, per in selected.items()}
+    assert consensus_features(selected, matchings, min_seeds=3, min_cosine=0.7)[0]["safety"] == []
+    matches = feature_matches([0], 0, matchings, [0, 1, 2])
+    assert matches[0][1][0] == perm[0] and matches[0][1][1] > 0.99 and set(matches[0]) == {1, 2}
+    with pytest.raises(ValueError, match="min_seeds"):
+        consensus_features(selected, matchings, min_seeds=4, min_cosine=0.7)

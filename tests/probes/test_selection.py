@@ -69,3 +69,22 @@ def test_write_features_json(tmp_path):
     assert data["meta"]["splits"]["extract"]["n_rows"] == 120
     with pytest.raises(ValueError, match="'splits'"):
         write_features_json(str(path), top_k_features(head, 3), {}, None, {"layer": 3})
+
+
+def test_dense_features_are_flagged_not_presented_as_category_features(tmp_path):
+    import json
+
+    from probes.selection import ClassSelection, dense_everywhere, split_dense, write_features_json
+
+    freq = {"benign": np.array([1.0, 0.0, 0.3, 0.05]), "safety": np.array([1.0, 0.9, 0.2, 0.5])}
+    dense = dense_everywhere(freq, 0.1)
+    np.testing.assert_array_equal(dense, [True, False, True, False])  # > 10% of every category's rows
+    selections = {"safety": ClassSelection(np.array([0, 1, 2]), np.array([0.9, 0.5, 0.1]), np.array([1.0, 0.8, 0.6]))}
+    kept, flagged = split_dense(selections, dense)
+    np.testing.assert_array_equal(kept["safety"].feature_ids, [1])
+    np.testing.assert_array_equal(flagged["safety"].feature_ids, [0, 2])
+    write_features_json(str(tmp_path / "features.json"), kept, freq, None, {"splits": {}}, flagged)
+    data = json.loads((tmp_path / "features.json").read_text())
+    assert data["per_class"]["safety"]["feature_ids"] == [1]
+    assert data["per_class"]["safety"]["dense_features"]["feature_ids"] == [0, 2]
+    assert data["per_class"]["safety"]["dense_features"]["activation_frequency"]["benign"] == [1.0, 0.3]
