@@ -205,6 +205,26 @@ def test_vectors_residual_sae_and_lowrank(planted, selection, tmp_path, capsys):
             assert sae_set[category].meta["sae_seed"] == seed
 
 
+def test_consensus_features_agree_across_seeds_and_restrict_sae_vectors(planted, selection, tmp_path):
+    consensus = json.loads((selection / "consensus.json").read_text())
+    assert consensus["min_seeds"] == 2 and consensus["seeds"] == [0, 1] and consensus["min_cosine"] == 0.7
+    for category in REFUSAL_CATEGORIES:
+        ids0, ids1 = consensus["per_seed"]["0"][category], consensus["per_seed"]["1"][category]
+        assert latent_of_axis(0, planted_coordinate(category)) in ids0  # the planted latent, in both seeds
+        assert latent_of_axis(1, planted_coordinate(category)) in ids1
+        assert {int(sae_permutation(1)[j]) for j in ids1} == set(ids0)  # the same decoder rows on both seeds
+        assert set(ids0) <= set(consensus["selected"]["0"][category])
+    out = tmp_path / "vec_consensus"
+    assert vectors_main(["--acts", str(planted["acts"]), "--layer", str(LAYER), "--out", str(out), "--sae",
+                         str(planted["run"]), "--features", str(selection), "--tau", "1.0"]) == 0
+    report = json.loads((out / "vectors_report.json").read_text())
+    assert report["sae_features"] == "consensus"
+    for seed in (0, 1):
+        for category in REFUSAL_CATEGORIES:
+            kept = report["sae"][f"seed_{seed}"]["per_category"][category]["latents"]
+            assert set(kept) <= set(consensus["per_seed"][str(seed)][category])
+
+
 def test_vectors_without_sae_writes_residual_and_lowrank_only(planted, tmp_path):
     out = tmp_path / "vec_res"
     assert vectors_main(["--acts", str(planted["acts"]), "--layer", str(LAYER), "--out", str(out)]) == 0

@@ -160,3 +160,32 @@ def test_external_classifier_gate_is_a_condition_when_configured(pipeline_run, t
     decisions = json.loads((run / "evaluate" / "gate_decisions.json").read_text())["conditional_external"]
     assert len(decisions) == summary["splits"]["eval"]["n"]
     assert {d["category"] for d in decisions} <= {GLOBAL, NONE}
+
+
+def test_report_has_sae_quality_and_a_page_per_selected_feature(pipeline_run, tmp_path):
+    summary = json.loads((pipeline_run / "summary.json").read_text())
+    seed = summary["sae"]["0"]
+    assert seed["held_out"] is True and seed["metrics_split"] == "calibrate"
+    for key in ("fvu_content", "fvu_response_start", "dense_fraction", "ce_recovered_content",
+                "ce_recovered_response_start", "kl_content", "decision_fidelity_content"):
+        assert key in seed, key
+    assert seed["decision_fidelity_response_start"]["n"] == summary["splits"]["calibrate"]["n"]
+    metrics = json.loads((pipeline_run / "train" / "metrics.json").read_text())
+    assert metrics["training_rows"]["removed"]["position_kind"] > 0
+    html = (pipeline_run / "report.html").read_text()
+    assert "CE loss recovered, splice at response start" in html
+    features = json.loads((pipeline_run / "select" / "sae" / "features.json").read_text())
+    n_selected = 0
+    for category, entry in features["per_class"].items():
+        for feature in entry["feature_ids"]:
+            assert f'id="feature-{category}-{feature}"' in html
+            n_selected += 1
+    cards = json.loads((pipeline_run / "features" / "cards.json").read_text())["cards"]
+    assert len(cards) == n_selected
+    assert all(ex["split"] in ("extract", "calibrate") for c in cards for ex in c["top_examples"] + c["other_examples"])
+    out = tmp_path / "pages"  # the standalone command writes the same cards
+    assert cli_main(["features", "--sae", str(pipeline_run / "train"), "--select", str(pipeline_run / "select" / "sae"),
+                     "--acts", str(pipeline_run / "harvest" / "all"), "--layer", "1", "--device", "cpu",
+                     "--model", str(pipeline_run / "refusal_tokens" / "model"), "--out", str(out)]) == 0
+    assert json.loads((out / "cards.json").read_text())["cards"] == cards
+    assert (out / "features.html").read_text().count('class="card"') == n_selected

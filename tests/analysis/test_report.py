@@ -85,3 +85,33 @@ def test_manifest_hash_mismatch_is_flagged(tmp_path):
     manifest = {"seed": 0, "splits": {"eval": {"n": 144, "sha256": "f" * 64}}}
     page = render_report(summary, ReportExtras(split_manifest=manifest))
     assert 'class="warning"' in page and "eval" in page.split('class="warning"')[1].split("</p>")[0]
+
+
+def _card(category: str, feature: int, token: str) -> dict:
+    example = {"prompt_id": "p1", "category": category, "split": "extract", "value": 2.5, "argmax": 1,
+               "truncated_left": False, "tokens": ["How", token, "?"], "values": [0.0, 2.5, 0.4]}
+    return {"feature": feature, "category": category, "weight": 0.4, "selection_frequency": 0.8, "consensus": True,
+            "top_examples": [example], "other_examples": [],
+            "per_category": {"benign": {"frequency": 0.1, "mean": 0.2, "n": 10}, category: {"frequency": 0.9, "mean": 2.0, "n": 8}},
+            "logit_lens": {"top": [["refuse", 1.5]], "bottom": [["sure", -1.0]]}, "cosine_mean_difference": 0.42,
+            "stability": {"seeds": {"1": {"latent": 9, "cosine": 0.91}}, "match_cosine": 0.7, "n_matched": 1, "n_other_seeds": 1}}
+
+
+def test_feature_cards_and_sae_quality_are_shown_and_escaped(tmp_path):
+    summary = synthetic_summary()
+    summary["sae"]["0"].update({"fvu_content": 0.3, "ce_recovered_content": 0.9, "ce_recovered_content_ci": [0.85, 0.95],
+                                "decision_fidelity_response_start": {"rate": 0.9, "ci": [0.8, 0.95], "n": 64}})
+    assert validate_summary(summary) == []
+    cards = [_card("safety", 17, "<script>alert(1)</script>"), _card("humanizing", 5, "feel")]
+    extras = ReportExtras(features={"safety": [{"feature": 17, "weight": 0.4, "selection_frequency": 0.8,
+                                                "activation_frequency": {"safety": 0.9, "benign": 0.0}},
+                                               {"feature": 3, "weight": 0.2, "selection_frequency": None, "dense": True,
+                                                "activation_frequency": {"safety": 1.0, "benign": 1.0}}]},
+                          feature_cards=cards, sae_training_rows={"candidates": 100, "removed": {"duplicate": 7}, "kept": 93})
+    page = write_report(tmp_path, summary, extras).read_text(encoding="utf-8")
+    assert 'id="feature-safety-17"' in page and 'id="feature-humanizing-5"' in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>" not in page
+    assert "Dense, not presented as safety features: 3" in page
+    assert "CE loss recovered, splice at content" in page and "0.900 <span class=\"ci\">[0.850, 0.950]</span>" in page
+    assert "removed duplicate 7; 93 kept" in page
+    assert "matched (cos ≥ 0.70) in 1 of 1 other seeds" in page

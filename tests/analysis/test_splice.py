@@ -68,3 +68,27 @@ def test_cached_forwards_equal_a_plain_forward(embedded, texts, scores) -> None:
     assert one["identity"]["content"]["ce_clean"] == pytest.approx(float(expected), abs=1e-4)
     assert one["identity"]["content"]["decision_fidelity"] is None  # no class tokens given
     assert np.isfinite(one["identity"]["content"]["ce_clean"])
+
+
+def test_train_command_scores_every_seed_with_the_splice(tiny_llama_dir, tmp_path):
+    import json
+
+    from analysis.cli import main as cli_main
+
+    prompts = "builtin:quickstart?per_category=3"
+    acts, out = tmp_path / "acts", tmp_path / "sae"
+    assert cli_main(["harvest", "--model", tiny_llama_dir, "--prompts", prompts, "--harvest.layers", "1",
+                     "--positions", "all", "--out", str(acts), "--progress", "false", "--device", "cpu"]) == 0
+    assert cli_main(["train", "--acts", str(acts), "--layer", "1", "--out", str(out), "--train.seeds", "0", "1",
+                     "--train.steps", "3", "--train.sae.expansion_factor", "2", "--train.sae.k", "4",
+                     "--train.data.batch_size", "32", "--trainer.accelerator", "cpu", "--print_table", "false",
+                     "--model", tiny_llama_dir, "--prompts", prompts, "--train.splice.max_prompts", "4",
+                     "--device", "cpu"]) == 0
+    n_calibrate = len(load_prompt_set([prompts], seed=0).split("calibrate"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    for seed in ("0", "1"):
+        splice = metrics["seeds"][seed]["splice"]
+        assert splice["split"] == "calibrate" and splice["content"]["n_prompts"] == min(4, n_calibrate)
+        assert splice["response_start"]["decision_fidelity"] is None  # this model has no refusal tokens
+        cfg = json.loads((out / f"seed_{seed}" / "cfg.json").read_text())
+        assert cfg["refusal_sae"]["final_metrics"]["splice"] == splice
