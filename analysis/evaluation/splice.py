@@ -24,13 +24,13 @@ Per site and reconstruction it reports, pooled over the scored positions (float6
     scores["seed_0"]["content"]["ce_recovered"]
 
 Works with any SAE (`encode`/`decode`, e.g. `sae.model.SparseAutoencoder` or a SAELens SAE) or
-any callable `(n, d_model) -> (n, d_model)`, at any layer.
+any callable `(n, d_model) -> (n, d_model)`, at any layer. The forwards are shared and shortened
+(`analysis.evaluation.splice_forward`): a variant recomputes only the blocks after `layer`.
 """
 from __future__ import annotations
 
 import copy
-import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,13 +38,12 @@ import numpy as np
 import torch
 
 from activations.adapter import ModelAdapter
-from activations.hooks import residual_hooks
-from activations.positions import CONTENT, position_kinds
+from activations.positions import position_kinds
 from activations.stats import bootstrap_ci_rows, rate_from_counts
-from activations.tokenize import encode_prompts, position_ids_from_mask
+from activations.tokenize import encode_prompts
+from analysis.evaluation.splice_forward import Reconstruction, SpliceRunner, content_mask, cropped
 
 SITES = ("content", "response_start")
-Reconstruction = Callable[[torch.Tensor], torch.Tensor]
 
 
 def as_reconstruction(sae: Any) -> Reconstruction:
@@ -94,65 +93,28 @@ def _ce(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-class _Runner:
-    """Forwards of one left-padded batch in pieces on a KV cache: the columns before the first
-    content token run once, each splice variant runs only the rest (and a response-start variant
-    only the last column). Caches are deep-copied snapshots, so any cache type works."""
-
-    def __init__(self, adapter: ModelAdapter, layer: int, batch: dict[str, torch.Tensor]) -> None:
-        self.adapter, self.layer = adapter, layer
-        self.ids, self.attn = batch["input_ids"], batch["attention_mask"]
-        self.pos = position_ids_from_mask(self.attn)
-        params = inspect.signature(adapter.model.forward).parameters  # transformers >= 5.2x calls it `cache`
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
-
-    def run(self, lo: int, hi: int, cache: Any, edit_mask: torch.Tensor | None, recon: Reconstruction | None,
-            splice: bool) -> tuple[torch.Tensor, Any]:
-        """Log-probabilities `(batch, hi - lo, vocab)` float32 of columns [lo, hi) after `cache`
-        (columns [0, lo), or None when lo == 0) and the cache of [0, hi). With `splice`, the
-        layer's output at `edit_mask (batch, hi - lo)` is replaced by `recon` (None: zeros)."""
-        def edit(hidden: torch.Tensor) -> torch.Tensor | None:
-            if not splice:
-                return None
-            out = hidden.clone()
-            rows = hidden[edit_mask]
-            out[edit_mask] = torch.zeros_like(rows) if recon is None else recon(rows).to(hidden.dtype).to(hidden.device)
-            return out
-
-        past = copy.deepcopy(cache) if cache is not None else None
-        with torch.no_grad(), residual_hooks(self.adapter, {self.layer: edit}):
-            out = self.adapter.model(input_ids=self.ids[:, lo:hi], attention_mask=self.attn[:, :hi],
-                                     position_ids=self.pos[:, lo:hi], use_cache=True, **{self.cache_arg: past})
-        cache = getattr(out, "cache", None) if self.cache_arg == "cache" else out.past_key_values
-        return torch.log_softmax(out.logits.float(), dim=-1), cache
-
-
-def _content_mask(kinds: Sequence[np.ndarray], shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """`(batch, seq)` bool: user-content tokens of left-padded rows (row i = its last len(kinds[i]) columns)."""
-    b, s = shape
-    kind = torch.full((b, s), -1, dtype=torch.int64)
-    for i, k in enumerate(kinds):
-        kind[i, s - len(k):] = torch.from_numpy(k.astype(np.int64))
-    return (kind == CONTENT).to(device)
-
-
-def _score_batch(runner: _Runner, kinds: Sequence[np.ndarray], variants: Mapping[str, Reconstruction | None],
+def _score_batch(runner: SpliceRunner, kinds: Sequence[np.ndarray], variants: Mapping[str, Reconstruction | None],
                  class_ids: torch.Tensor | None, totals: dict[tuple[str, str], _Totals],
-                 clean: dict[str, list[np.ndarray]], counts: dict[str, list[np.ndarray]]) -> None:
-    """Add one batch's scores of every variant (name → recon; None = zero ablation) at both sites."""
+                 clean: dict[str, list[np.ndarray]], counts: dict[str, list[np.ndarray]], check_replay: bool) -> None:
+    """Add one batch's scores of every variant (name → recon; None = zero ablation) at both sites
+    (`check_replay`: first check that replaying the blocks after the layer reproduces the clean pass)."""
     ids = runner.ids
     b, s = ids.shape
-    content = _content_mask(kinds, (b, s), ids.device)
+    content = content_mask(kinds, (b, s), ids.device)
     has_content = content.any(dim=1)
     first = torch.where(has_content, content.float().argmax(dim=1), torch.full_like(has_content, s - 1, dtype=torch.long))
     c0 = int(first.min())
-    prefix = runner.run(0, c0, None, None, None, splice=False)[1] if c0 > 0 else None
+    prefix = runner.run(0, c0, None, keep=True)[1] if c0 > 0 else None
 
     def decision(logp: torch.Tensor) -> torch.Tensor | None:
         return None if class_ids is None else logp[:, -1, class_ids].argmax(dim=-1)
 
     # content site: columns [c0, s); position p predicts token p + 1 and is scored from the row's first content token
-    reference, full_cache = runner.run(c0, s, prefix, None, None, splice=False)
+    reference, full_cache = runner.run(c0, s, prefix, record=True, keep=True)  # extends `prefix` to [0, s)
+    if check_replay:
+        runner.check_replay(reference)
+    if c0 > 0:
+        prefix = cropped(full_cache, c0) or runner.run(0, c0, None, keep=True)[1]
     ref_logp, targets = reference[:, :-1], ids[:, c0 + 1:]
     columns = torch.arange(c0, s - 1, device=ids.device)
     scored = (columns.unsqueeze(0) >= first.unsqueeze(1)) & has_content.unsqueeze(1) & runner.attn[:, c0:s - 1].bool()
@@ -160,15 +122,17 @@ def _score_batch(runner: _Runner, kinds: Sequence[np.ndarray], variants: Mapping
     clean["content"].append(_per_prompt(_ce(ref_logp, targets), scored))
     counts["content"].append(scored.sum(dim=1).cpu().numpy().astype(np.float64))
     for name, recon in variants.items():
-        out = runner.run(c0, s, prefix, content[:, c0:], recon, splice=True)[0]
+        out = runner.replay(content[:, c0:], recon)
+        if out is None:
+            out = runner.run(c0, s, prefix, content[:, c0:], recon, splice=True)[0]
         same = None if ref_decision is None else decision(out) == ref_decision
         totals[(name, "content")].add(_ce(out[:, :-1], targets), _kl(ref_logp, out[:, :-1]), scored, same)
 
     # response-start site: only the last column, on the clean cache of [0, s - 1)
-    last_cache = _cropped(full_cache, s - 1)
-    if last_cache is None:  # a cache that cannot be cropped (e.g. sliding-window layers): recompute it
-        last_cache = runner.run(c0, s - 1, prefix, None, None, splice=False)[1] if s - 1 > c0 else prefix
-    reference = runner.run(s - 1, s, last_cache, None, None, splice=False)[0]
+    last_cache = cropped(full_cache, s - 1)
+    if last_cache is None:  # a cache that cannot be cut (e.g. past a sliding window): recompute it
+        last_cache = runner.run(c0, s - 1, copy.deepcopy(prefix), keep=True)[1] if s - 1 > c0 else prefix
+    reference = runner.run(s - 1, s, last_cache)[0]
     target = reference[:, -1].argmax(dim=-1, keepdim=True)
     one = torch.ones(b, 1, dtype=torch.bool, device=ids.device)
     ref_decision = decision(reference)
@@ -178,16 +142,6 @@ def _score_batch(runner: _Runner, kinds: Sequence[np.ndarray], variants: Mapping
         out = runner.run(s - 1, s, last_cache, one, recon, splice=True)[0]
         same = None if ref_decision is None else decision(out) == ref_decision
         totals[(name, "response_start")].add(_ce(out, target), _kl(reference, out), one, same)
-
-
-def _cropped(cache: Any, length: int) -> Any:
-    """A copy of `cache` cut to its first `length` columns, or None when the cache type cannot be cut."""
-    try:
-        out = copy.deepcopy(cache)
-        out.crop(length)
-        return out if out.get_seq_length() == length else None
-    except (AttributeError, NotImplementedError, ValueError, TypeError):
-        return None
 
 
 @torch.no_grad()
@@ -227,6 +181,7 @@ def splice_scores(
     device = next(model.parameters()).device
     class_ids = None if class_token_ids is None else torch.as_tensor(list(class_token_ids), dtype=torch.long, device=device)
     all_kinds = position_kinds(tokenizer, texts, chat_template, max_length)
+    replay = True
     order = sorted(range(len(texts)), key=lambda i: (len(all_kinds[i]), i))
     for start in tqdm(range(0, len(order), batch_size), desc="spliced evaluation", disable=not progress):
         chosen = order[start:start + batch_size]
@@ -234,7 +189,9 @@ def splice_scores(
         kinds = [all_kinds[i] for i in chosen]
         if [len(k) for k in kinds] != batch["attention_mask"].sum(dim=1).tolist():
             raise RuntimeError("position kinds and the encoded prompts disagree in length")
-        _score_batch(_Runner(adapter, layer, batch), kinds, variants, class_ids, totals, clean, counts)
+        runner = SpliceRunner(adapter, layer, batch, replay=replay)
+        _score_batch(runner, kinds, variants, class_ids, totals, clean, counts, check_replay=start == 0)
+        replay = runner.replay_ok  # checked on the first batch: a model whose blocks cannot be replayed runs full forwards
     clean_sums = {site: np.concatenate(clean[site]) for site in SITES}
     n_pos = {site: np.concatenate(counts[site]) for site in SITES}
     return {name: {site: _site_result(totals[(name, site)], totals[("__zero__", site)], clean_sums[site], n_pos[site],
