@@ -112,7 +112,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     reference_seed = next(iter(models))
 
     logits = first_token_logits(setup.model, setup.tokenizer, [r.text for r in records], setup.spec,
-                                batch_size=setup.batch_size, max_length=setup.max_length, progress=True)
+                                batch_size=setup.batch_size, max_length=setup.max_length, progress=True,
+                                cache=setup.block_cache)
     results = {"baseline": build_results(records, first_token_decisions(logits), refusal_log_odds(logits))}
     gate_log: dict[str, Any] = {}
 
