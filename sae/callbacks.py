@@ -89,6 +89,7 @@ class RunExport(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.monitor.raise_if_bad()
+        pl_module.divergence.raise_if_bad(final=True)  # a diverged SAE is never exported
         pl_module.sync_seed_states()  # seed-parallel: owners' weights to every rank (no-op otherwise)
         self._check_ranks_agree(trainer, pl_module)
         if trainer.is_global_zero:
@@ -112,6 +113,7 @@ class RunExport(pl.Callback):
                 "fvu": scores["fvu"], "l0": scores["l0"], "n_rows": scores["n_rows"], "metrics_split": split,
                 "dead_fraction": n_dead / sae.d_sae, "dead_fraction_ci": [lo, hi], "n_latents": sae.d_sae,
                 "never_fired_fraction": scores["never_fired_fraction"], "steps": steps,
+                "k": sae.cfg.k, "architecture": sae.cfg.architecture,
             }
             self.metrics[str(seed)] = record
             seed_dir = self.out_dir / f"seed_{seed}"

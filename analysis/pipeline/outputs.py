@@ -48,7 +48,8 @@ def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
         "seeds": list(ctx.cfg.train.seeds),
         "splits": {name: {"n": s["n"], "sha256": s["sha256"], "categories": s["categories"]}
                    for name, s in prompts["splits"].items()},
-        "sae": {str(seed): {k: m[k] for k in ("fvu", "l0", "dead_fraction")} for seed, m in sae_metrics.items()},
+        "sae": {str(seed): {k: m[k] for k in ("fvu", "l0", "dead_fraction", "k", "n_latents", "steps") if k in m}
+                for seed, m in sae_metrics.items()},
         "probe": {
             "space": f"sae latents, {reference}",
             "accuracy": {"value": probe_eval["accuracy"]["rate"], "ci": probe_eval["accuracy"]["ci"],
