@@ -64,8 +64,8 @@ def verify_shards(paths_and_sums: Iterable[tuple[Path, str]], force: bool = Fals
         digests = list(pool.map(lambda item: file_sha256(item[0]), todo))
     for (path, expected, key), digest in zip(todo, digests):
         if digest != expected:
-            raise ValueError(f"activation shard {path} fails its sha256 checksum (manifest {expected[:12]}…, "
-                             f"file {digest[:12]}…): the file is corrupt; harvest again into a new folder")
+            raise ValueError(f"activation shard {path} fails its sha256 checksum: {path.name} is corrupt (manifest "
+                             f"{expected[:12]}…, file {digest[:12]}…); harvest again into a new folder")
         with _VERIFIED_LOCK:
             _VERIFIED.add(key)
 
