@@ -121,6 +121,7 @@ class RunExport(pl.Callback):
                 sae, seed_dir,
                 meta={
                     "layer": self.layer, "seed": seed, "model_name": str(model_info.get("id", "")),
+                    "model_identity": model_info,
                     "context_size": manifest.get("max_length"), "prepend_bos": True,
                     "dataset_path": str(datamodule.shards_dir), "shards_manifest_sha256": datamodule.manifest_sha256,
                     "split": datamodule.split, "final_metrics": record,
