@@ -5,7 +5,7 @@ Run layout written here (see docs/sae.md):
     RUN/seed_<s>/{sae.safetensors, sae_weights.safetensors -> sae.safetensors, cfg.json, metrics.csv}
     RUN/metrics.json        per-seed final fvu, l0, dead_fraction (+ n and Wilson 95% CI), steps
     RUN/logs/version_<n>/metrics.csv   Lightning CSV logs (one version per (re)start)
-    RUN/ckpt/last.ckpt      Lightning checkpoint for resuming
+    RUN/ckpt/               checkpoints and the run identity (sae/checkpoints.py)
 """
 from __future__ import annotations
 

@@ -56,6 +56,10 @@ BACKGROUND_SHARDS = 4
 """Shards a background writer writes at once (checksumming and fsyncing some while writing the next)."""
 
 
+class HarvestMismatch(ValueError):
+    """The folder already holds a store of a different harvest."""
+
+
 def _describe(value: Any) -> str:
     return repr(value) if not isinstance(value, dict) else ", ".join(f"{k}={v!r}" for k, v in value.items())
 
@@ -165,7 +169,7 @@ class ShardWriter:
             same = (comparable(manifest.get(key)) == comparable(self.identity[key]) if key == "model"
                     else manifest.get(key) == self.identity[key])
             if not same:
-                raise ValueError(
+                raise HarvestMismatch(
                     f"{self.directory} already holds a different harvest: its {key} is "
                     f"{_describe(manifest.get(key))}, this run's is {_describe(self.identity[key])}; "
                     "use another output folder"

@@ -93,12 +93,22 @@ COMMAND = Command(
 # --- pipeline ------------------------------------------------------------------------------------
 
 def _harvest(ctx: RunContext, which: str, records: list, layers: list[int], positions: str, out: Path) -> dict[str, Any]:
+    """One store of the run; a store of another harvest config in its place is replaced."""
+    import shutil
+    import sys
+
     from activations.store import ActivationStore
+    from activations.store.write import HarvestMismatch
 
     model, tokenizer = ctx.model(which)
-    harvest_records(model, tokenizer, records, layers, out, ctx.cfg.harvest, ctx.cfg, positions,
-                    model_name=ctx.model_label(which),
-                    progress=True)
+    try:
+        harvest_records(model, tokenizer, records, layers, out, ctx.cfg.harvest, ctx.cfg, positions,
+                        model_name=ctx.model_label(which), progress=True)
+    except HarvestMismatch as exc:  # the config changed since this store was written: harvest it afresh
+        print(f"note: {exc}; harvesting {out} afresh", file=sys.stderr, flush=True)
+        shutil.rmtree(out)
+        harvest_records(model, tokenizer, records, layers, out, ctx.cfg.harvest, ctx.cfg, positions,
+                        model_name=ctx.model_label(which), progress=True)
     store = ActivationStore(out)
     return {"rows": store.n_rows, "layers": store.layers, "manifest_sha256": file_sha256(out / "manifest.json")[:16]}
 

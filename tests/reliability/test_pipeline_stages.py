@@ -3,6 +3,7 @@ a changed config reruns the stage and the summary matches the artifacts (item 1)
 stops the rerun (item 2), a moved run folder and model resume (item 9)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -89,3 +90,14 @@ def test_a_moved_run_folder_and_model_resume(run, model_dir, tmp_path):
     assert "[2/3] harvest: done" in progress and "[3/3] train: done" in progress
     assert json.loads((moved_run / "harvest" / "stage.json").read_text())["result"]["all"]["rows"] == rows
     assert exported(moved_run) == {"k": 8, "d_sae": 128}
+
+
+def test_a_changed_harvest_section_reharvests_and_retrains(run, model_dir):
+    """A harvest setting that changes the store (its dtype) used to stop the rerun ("already holds a
+    different harvest"); now the stage harvests afresh and the train stage, whose data changed, retrains."""
+    _, progress = run_prefix(run, model_dir, "--harvest.storage_dtype", "float16")
+    assert "[2/3] harvest: done" in progress and "[3/3] train: done" in progress
+    manifest = run / "harvest" / "all" / "manifest.json"
+    assert json.loads(manifest.read_text())["dtype"] == "float16"
+    cfg = json.loads((run / "train" / "seed_0" / "cfg.json").read_text())
+    assert cfg["refusal_sae"]["shards_manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
