@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from activations.store import ActivationStore, ShardWriter  # noqa: E402
-from activations.store.read import forget_verified  # noqa: E402
+from activations.store import ActivationStore, ShardWriter
+from activations.store.read import forget_verified
 
 LAYER = 0
 

@@ -90,7 +90,6 @@ def load_vector(directory: Path, name: str, layer: int, d_model: int, model: dic
     """The named `SteeringVector` of a vector set, checked against the layer, the model's d_model and
     (given its identity record `model`) the model whose activations it was made from."""
     from activations.model_identity import check_same_model
-
     from probes.vectors import VectorSet
 
     if not directory.is_dir():

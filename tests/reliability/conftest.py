@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.sae_fixtures import one_torch_thread, sparse_dictionary_data, write_store  # noqa: F401
+from tests.helpers.sae_fixtures import one_torch_thread, two_category_store  # noqa: F401
 
 LAYER = 3
 
@@ -13,10 +13,7 @@ LAYER = 3
 @pytest.fixture(scope="session")
 def sae_store(tmp_path_factory) -> Path:
     """700 rows (d_model 16): 600 extract rows of two categories, 100 calibrate rows, 4 shards."""
-    x, _ = sparse_dictionary_data(700, 16, 32, 2, seed=0)
-    categories = ["benign" if i % 2 else "safety" for i in range(700)]
-    splits = ["extract"] * 600 + ["calibrate"] * 100
-    return write_store(tmp_path_factory.mktemp("reliability") / "store", x, LAYER, categories, splits, rows_per_shard=200)
+    return two_category_store(tmp_path_factory.mktemp("reliability") / "store", LAYER)
 
 
 def one_error_line(err: str) -> str:

@@ -4,8 +4,8 @@ Two tiny random Llamas of the same shape (seeds 0 and 1) stand for "a different 
 """
 from __future__ import annotations
 
+import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -91,8 +91,7 @@ def test_steer_side_checks_vectors_sae_and_features_against_the_loaded_model(art
     with pytest.raises(ValueError, match="SAE .* different models"):
         load_seed_sae(sae_dir, LAYER, d_model, model=id_a)
     features = tmp_path / "features.json"
-    features.write_text('{"per_class": {}, "meta": {"layer": 1, "space": "sae", "model_identity": %s}}'
-                        % __import__("json").dumps(id_b))
+    features.write_text(json.dumps({"per_class": {}, "meta": {"layer": 1, "space": "sae", "model_identity": id_b}}))
     read_features(features, layer=LAYER, model=id_b)
     with pytest.raises(ValueError, match="features.json belongs to model .* different models"):
         read_features(features, layer=LAYER, model=id_a)

@@ -23,7 +23,7 @@ from sae.train import train_saes
 from tests.reliability.conftest import LAYER, one_error_line
 
 REPO = Path(__file__).resolve().parents[2]
-RUN_KW = dict(enable_progress_bar=False, print_table=False)
+RUN_KW = {"enable_progress_bar": False, "print_table": False}
 
 
 def train_args(store: Path, out: Path, *extra: str) -> list[str]:
@@ -73,7 +73,7 @@ def test_kill9_between_checkpoints_then_the_same_command_resumes_bit_equal(sae_s
     assert cli_main(train_args(sae_store, straight)) == 0
     env = {**os.environ, "KILL_AT": "10", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, "-c", KILL_AT_STEP, *train_args(sae_store, killed)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert sorted(p.name for p in (killed / "ckpt").iterdir()) == ["run.json", "step-7.ckpt"]
     assert cli_main(train_args(sae_store, killed)) == 0  # the same command, nothing added
@@ -140,7 +140,7 @@ def test_exactly_one_last_ckpt_and_at_most_n_periodic(sae_store, tmp_path, monke
     train_saes(sae_store, LAYER, tmp_path / "a", cfg, **RUN_KW)
     assert max(len(names) for names in seen) == 2 and seen[-1] == ["step-15.ckpt", "step-18.ckpt"]
     monkeypatch.setattr(pl.Trainer, "__init__", init)
-    ckpts = lambda run: sorted(p.name for p in (run / "ckpt").iterdir())  # noqa: E731
+    ckpts = lambda run: sorted(p.name for p in (run / "ckpt").iterdir())
     assert ckpts(tmp_path / "a") == ["last.ckpt", "run.json"]
     train_saes(sae_store, LAYER, tmp_path / "a", cfg, **RUN_KW)  # rerun: resumes at the end, writes last.ckpt once
     assert ckpts(tmp_path / "a") == ["last.ckpt", "run.json"]
@@ -193,7 +193,7 @@ def test_divergence_monitor_signs():
     (["--train.data.split", "eval"], "split 'eval' of layer 3 has no rows"),
     (["--train.sae.d_in", "32"], "SAE d_in=32 does not match the activation store's d_model=16"),
     (["--train.sae.k", "abc"], 'Parser key "train.sae.k"'),
-    (["--train.sae.bogus", "1"], "unknown"),
+    (["--train.sae.bogus", "1"], "unknown option --train.sae.bogus (`refusal-sae train --help` lists the options)"),
     (["--train.sae.k", "64"], "k=64 must be smaller than the number of latents d_sae=64"),
 ])
 def test_failed_train_is_one_line_and_writes_nothing(sae_store, tmp_path, capsys, extra, message):
