@@ -50,16 +50,6 @@ TRAINER_OWNED = ("max_steps", "logger", "callbacks", "default_root_dir", "log_ev
 """Trainer arguments the train stage sets itself (from `TrainConfig` and the run folder)."""
 
 
-def check_output_folder(out: Path) -> None:
-    """An output folder that is an existing file, or lies inside one, is one clear error."""
-    for parent in (out, *out.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                what = "is an existing file" if parent == out else f"lies inside {parent}, which is a file"
-                raise NotADirectoryError(f"output folder {out} {what}; pass a folder path")
-            return
-
-
 def _launched_child() -> bool:
     """True in a DDP rank process started by Lightning's launcher (rank 0 owns the run folder)."""
     return int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0
@@ -96,7 +86,6 @@ def train_saes(
         raise ValueError(f"on_mismatch must be error or fresh, got {on_mismatch!r}")
     quiet_known_warnings()
     out = Path(out_dir)
-    check_output_folder(out)
     datamodule = ShardDataModule(str(shards_dir), layer, cfg.data)
     datamodule.setup()  # layer, split, rows and finiteness checked before the run folder is touched
     module = SAELightningModule(cfg.sae.for_input(datamodule.d_model), seeds=list(cfg.seeds), optim=cfg.optim)
