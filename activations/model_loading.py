@@ -191,18 +191,6 @@ def load_model(
     return model, prepare_tokenizer(tokenizer)
 
 
-def model_info(model: torch.nn.Module, name: str) -> dict[str, Any]:
-    """Identity of a loaded model for manifests: name, family, revision (commit hash when known)."""
-    config = model.config
-    return {
-        "id": name,
-        "family": getattr(config, "model_type", "unknown"),
-        "revision": getattr(config, "_commit_hash", None),
-        "num_layers": int(config.num_hidden_layers),
-        "d_model": int(config.hidden_size),
-    }
-
-
 def load_embedded_tokenizer() -> Any:
     """The embedded SmolLM2 tokenizer (chat template included), left-padded."""
     from transformers import AutoTokenizer

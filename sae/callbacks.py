@@ -5,7 +5,7 @@ Run layout written here (see docs/sae.md):
     RUN/seed_<s>/{sae.safetensors, sae_weights.safetensors -> sae.safetensors, cfg.json, metrics.csv}
     RUN/metrics.json        per-seed final fvu, l0, dead_fraction (+ n and Wilson 95% CI), steps
     RUN/logs/version_<n>/metrics.csv   Lightning CSV logs (one version per (re)start)
-    RUN/ckpt/last.ckpt      Lightning checkpoint for resuming
+    RUN/ckpt/               checkpoints and the run identity (sae/checkpoints.py)
 """
 from __future__ import annotations
 
@@ -89,6 +89,7 @@ class RunExport(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.monitor.raise_if_bad()
+        pl_module.divergence.raise_if_bad(final=True)  # a diverged SAE is never exported
         pl_module.sync_seed_states()  # seed-parallel: owners' weights to every rank (no-op otherwise)
         self._check_ranks_agree(trainer, pl_module)
         if trainer.is_global_zero:
@@ -112,6 +113,7 @@ class RunExport(pl.Callback):
                 "fvu": scores["fvu"], "l0": scores["l0"], "n_rows": scores["n_rows"], "metrics_split": split,
                 "dead_fraction": n_dead / sae.d_sae, "dead_fraction_ci": [lo, hi], "n_latents": sae.d_sae,
                 "never_fired_fraction": scores["never_fired_fraction"], "steps": steps,
+                "k": sae.cfg.k, "architecture": sae.cfg.architecture,
             }
             self.metrics[str(seed)] = record
             seed_dir = self.out_dir / f"seed_{seed}"
@@ -119,6 +121,7 @@ class RunExport(pl.Callback):
                 sae, seed_dir,
                 meta={
                     "layer": self.layer, "seed": seed, "model_name": str(model_info.get("id", "")),
+                    "model_identity": model_info,
                     "context_size": manifest.get("max_length"), "prepend_bos": True,
                     "dataset_path": str(datamodule.shards_dir), "shards_manifest_sha256": datamodule.manifest_sha256,
                     "split": datamodule.split, "final_metrics": record,

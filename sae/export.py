@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from activations.io import read_json
-from activations.io import write_json
+from activations.io import read_json, write_json
+from activations.model_identity import check_same_model
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
 
@@ -201,11 +201,18 @@ def trained_layer(cfg: dict[str, Any]) -> int | None:
     return None if layer is None else int(layer)
 
 
+def sae_model_identity(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The identity of the model whose activations an SAE was trained on (`activations.model_identity`),
+    as its cfg.json records it; None for SAEs trained elsewhere."""
+    return (cfg.get("refusal_sae") or {}).get("model_identity")
+
+
 def load_checked_sae(folder: str | Path, layer: int | None = None, d_model: int | None = None,
                      device: str | torch.device = "cpu", against: str = "the activation store",
-                     name: str | None = None) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """`load_sae` plus the checks every caller needs: the layer it was trained on and its width
-    (`d_model` of `against`: "the activation store" or "the model", for the message)."""
+                     name: str | None = None, model: dict[str, Any] | None = None) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """`load_sae` plus the checks every caller needs: the layer it was trained on, its width
+    (`d_model` of `against`: "the activation store" or "the model", for the message) and, when
+    `model` (an identity record of `against`) is given, that it was trained on that model."""
     path = Path(folder)
     if not path.is_dir():
         raise FileNotFoundError(f"SAE folder not found: {path}")
@@ -216,6 +223,7 @@ def load_checked_sae(folder: str | Path, layer: int | None = None, d_model: int 
         raise ValueError(f"SAE {name} was trained on layer {trained}, not layer {layer}")
     if d_model is not None and sae.d_in != d_model:
         raise ValueError(f"SAE {name} has d_in {sae.d_in} but {against} has d_model {d_model}")
+    check_same_model(sae_model_identity(cfg), f"SAE {name}", model, against)
     return sae, cfg
 
 
@@ -241,14 +249,16 @@ def seed_folders(run_dir: str | Path) -> dict[int, Path]:
 
 
 def load_sae_run(run_dir: str | Path, layer: int | None = None, d_model: int | None = None,
-                 seeds: Sequence[int] | None = None, device: str | torch.device = "cpu") -> dict[int, SparseAutoencoder]:
+                 seeds: Sequence[int] | None = None, device: str | torch.device = "cpu",
+                 model: dict[str, Any] | None = None, against: str = "the activation store") -> dict[int, SparseAutoencoder]:
     """`{seed: SAE in eval mode}` of a training run folder (`RUN/seed_<s>/`) or one SAE folder, each
-    checked against `layer` and `d_model` when given; `seeds` picks some (all must exist)."""
+    checked against `layer`, `d_model` and the model identity `model` of `against` when given;
+    `seeds` picks some (all must exist)."""
     folders = seed_folders(run_dir)
     if seeds is not None:
         missing = sorted(set(seeds) - set(folders))
         if missing:
             raise ValueError(f"SAE run {run_dir} has seeds {sorted(folders)}, not {missing}")
         folders = {s: folders[s] for s in seeds}
-    return {seed: load_checked_sae(path, layer, d_model, device, name=f"seed {seed}")[0]
+    return {seed: load_checked_sae(path, layer, d_model, device, against, name=f"seed {seed}", model=model)[0]
             for seed, path in folders.items()}

@@ -114,6 +114,7 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
 
     from activations.adapter import ModelAdapter
     from activations.io import write_json
+    from activations.model_identity import model_identity
     from analysis.evaluation.logit_metrics import refusal_margin_metric
     from analysis.interventions.attribution import activation_patching, attribution_patching
     from analysis.stages.common import load_records, load_seed_sae, load_target
@@ -123,7 +124,8 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
     model, tokenizer, spec = load_target(inputs.model, inputs.tokens, inputs.device, inputs.resolved_dtype)
     adapter = ModelAdapter(model)
     adapter.check_layer(inputs.layer)
-    sae = None if inputs.sae is None else load_seed_sae(inputs.sae, inputs.layer, adapter.d_model, str(adapter.device))[0]
+    sae = None if inputs.sae is None else load_seed_sae(inputs.sae, inputs.layer, adapter.d_model, str(adapter.device),
+                                                        model_identity(model, inputs.model))[0]
     ids = spec.token_ids(tokenizer)  # class order: [respond] first, then the five refusal tokens
     metric = refusal_margin_metric(ids[1:], ids[0])
     chunks = encoded_chunks(tokenizer, pairs, cfg.batch_size, inputs.max_length, adapter.device,

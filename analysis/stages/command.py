@@ -16,6 +16,7 @@ new flag.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import sys
 import types
@@ -25,8 +26,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-"""Exceptions that mean "bad input": one `error:` line, exit status 2."""
+BAD_INPUT = (ValueError, OSError)
+"""Exceptions that mean bad input or an unusable path (missing, not writable, a file where a folder
+goes, a full disk): one `error:` line, exit status 2."""
+
+_OS_ERRORS = {
+    errno.EEXIST: "cannot create the folder {path}: a file of that name exists",
+    errno.ENOTDIR: "cannot use {path}: part of that path is a file, not a folder",
+    errno.EISDIR: "{path} is a folder; a file was expected",
+    errno.EACCES: "cannot write {path}: permission denied (choose an output location you can write)",
+    errno.EPERM: "cannot write {path}: operation not permitted (choose an output location you can write)",
+    errno.EROFS: "cannot write {path}: the file system is read-only",
+    errno.ENOSPC: "no space left on the device while writing {path}",
+    errno.ENOENT: "no such file or folder: {path}",
+}
+
+
+def error_text(exc: BaseException) -> str:
+    """The one-line message of a bad-input exception (an OS error names the path and what is wrong)."""
+    if isinstance(exc, OSError) and exc.errno in _OS_ERRORS and exc.filename is not None:
+        return _OS_ERRORS[exc.errno].format(path=exc.filename)
+    return _one_line(exc)
 
 
 @dataclass(frozen=True)
@@ -268,18 +288,41 @@ def record_config(inputs: Any, resolved: str) -> Path | None:
     return write_text_atomic(target, resolved)
 
 
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".html", ".yaml", ".txt")
+"""An `--out` with one of these suffixes is a file; any other is a folder."""
+
+
+def check_output(out: Path) -> None:
+    """Stop before any work when `--out` cannot be written: a file where a folder goes, or a place
+    this process may not write (probed by creating and removing a temporary file)."""
+    import tempfile
+
+    folder = out.parent if out.suffix.lower() in FILE_SUFFIXES else out
+    ancestor = next(p for p in (folder, *folder.parents) if p.exists())
+    if not ancestor.is_dir():
+        where = "is an existing file" if ancestor == out else f"lies inside {ancestor}, which is a file"
+        raise NotADirectoryError(f"output {'folder ' if folder == out else 'file '}{out} {where}; pass another --out")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(folder)) from None
+
+
 def run_command(cmd: Command, argv: Sequence[str] | None = None) -> int:
     """Parse, run and show one command; returns the exit status (0 ok, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg, inputs, extras = parse(cmd, argv)
         resolved = extras.pop("_resolved")
+        if getattr(inputs, "out", None) is not None:
+            check_output(Path(inputs.out))
         result = cmd.run(cfg, inputs, **extras)
         record_config(inputs, resolved)
     except SystemExit as exc:  # --help / --print_config
         return int(exc.code or 0) if isinstance(exc.code, int) else 0
     except BAD_INPUT as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {error_text(exc)}", file=sys.stderr)
         return 2
     cmd.show(inputs, result)
     return 0

@@ -75,8 +75,10 @@ def load_target(model: str, tokens: str | None, device: str = "auto", dtype: str
     return loaded, tokenizer, spec
 
 
-def load_seed_sae(folder: str | Path, layer: int, d_model: int, device: str = "cpu") -> tuple[Any, int]:
-    """`(sae, seed)` of one exported SAE folder, checked against `layer` and `d_model`.
+def load_seed_sae(folder: str | Path, layer: int, d_model: int, device: str = "cpu",
+                  model: dict[str, Any] | None = None) -> tuple[Any, int]:
+    """`(sae, seed)` of one exported SAE folder, checked against `layer`, `d_model` and the identity
+    record `model` of the loaded model (`activations.model_identity`) when given.
 
     The seed is the one recorded at export, else the `seed_<s>` folder name, else 0
     (`sae.export.seed_folders`). A training run folder (`RUN/seed_<s>/` inside) is refused: the
@@ -91,7 +93,7 @@ def load_seed_sae(folder: str | Path, layer: int, d_model: int, device: str = "c
     if list(folders.values()) != [path]:
         raise ValueError(f"{path} is an SAE training run; pass one seed's folder, e.g. {next(iter(folders.values()))}")
     seed = next(iter(folders))
-    sae, _ = load_checked_sae(path, layer, d_model, device, against="the model")
+    sae, _ = load_checked_sae(path, layer, d_model, device, against="the model", model=model)
     return sae, seed
 
 

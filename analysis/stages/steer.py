@@ -86,8 +86,10 @@ def condition_name(alpha: float) -> str:
     return f"steer{'-' if alpha < 0 else '+'}{abs(alpha):g}"
 
 
-def load_vector(directory: Path, name: str, layer: int, d_model: int) -> Any:
-    """The named `SteeringVector` of a vector set, checked against the layer and the model's d_model."""
+def load_vector(directory: Path, name: str, layer: int, d_model: int, model: dict[str, Any] | None = None) -> Any:
+    """The named `SteeringVector` of a vector set, checked against the layer, the model's d_model and
+    (given its identity record `model`) the model whose activations it was made from."""
+    from activations.model_identity import check_same_model
     from probes.vectors import VectorSet
 
     if not directory.is_dir():
@@ -100,14 +102,17 @@ def load_vector(directory: Path, name: str, layer: int, d_model: int) -> Any:
         raise ValueError(f"steering vector {name!r} of {directory} is for layer {vector.layer}, not layer {layer}")
     if vector.d_model != d_model:
         raise ValueError(f"steering vector {name!r} has d_model {vector.d_model} but the model's is {d_model}")
+    check_same_model(vector.meta.get("model_identity"), f"steering vector {name!r} of {directory}", model, "the model")
     return vector
 
 
-def ablated_feature_ids(features: Path, layer: int, d_sae: int, sae_seed: int) -> list[int]:
-    """Sorted union of the refusal categories' selected latents in `features` (checked: layer, seed, width)."""
+def ablated_feature_ids(features: Path, layer: int, d_sae: int, sae_seed: int,
+                        model: dict[str, Any] | None = None) -> list[int]:
+    """Sorted union of the refusal categories' selected latents in `features` (checked: layer, seed,
+    width, model)."""
     from probes.selection import read_features, refusal_feature_ids
 
-    data = read_features(features, layer=layer, sae_seed=sae_seed, d_sae=d_sae)
+    data = read_features(features, layer=layer, sae_seed=sae_seed, d_sae=d_sae, model=model)
     ids = refusal_feature_ids(data)
     if ids[0] < 0 or ids[-1] >= d_sae:
         bad = ids[-1] if ids[-1] >= d_sae else ids[0]
@@ -119,6 +124,7 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
     """Load model, vector, prompts (and SAE); evaluate every condition; write and return the results."""
     from activations.adapter import ModelAdapter
     from activations.io import write_json
+    from activations.model_identity import model_identity
     from analysis.evaluation.conditions import EvalSetup, Plan, refusal_table
     from analysis.evaluation.refusal import compare_conditions, evaluate_refusal
     from analysis.interventions.ablation import ablate_features
@@ -130,12 +136,13 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
     model, tokenizer, spec = load_target(inputs.model, inputs.tokens, inputs.device, inputs.resolved_dtype)
     adapter = ModelAdapter(model)
     adapter.check_layer(inputs.layer)
-    vector = load_vector(inputs.vectors, inputs.vector, inputs.layer, adapter.d_model)
+    identity = model_identity(model, inputs.model)
+    vector = load_vector(inputs.vectors, inputs.vector, inputs.layer, adapter.d_model, identity)
     setup = EvalSetup(model, tokenizer, spec, inputs.layer, cfg.positions, cfg.batch_size, inputs.max_length)
     ablated: list[int] = []
     if inputs.ablate_sae is not None:
-        sae, sae_seed = load_seed_sae(inputs.ablate_sae, inputs.layer, adapter.d_model, str(adapter.device))
-        ablated = ablated_feature_ids(inputs.features, inputs.layer, sae.d_sae, sae_seed)
+        sae, sae_seed = load_seed_sae(inputs.ablate_sae, inputs.layer, adapter.d_model, str(adapter.device), identity)
+        ablated = ablated_feature_ids(inputs.features, inputs.layer, sae.d_sae, sae_seed, identity)
 
     n = len(records)
     conditions = [{"name": "baseline", "kind": "baseline", "alpha": 0.0}]

@@ -123,7 +123,7 @@ def test_unknown_config_key_is_one_clear_error(tmp_path, capsys):
         load_config(bad)
     assert pipeline_main(["-c", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == "error: unknown config key 'train.stepz' (known: " + ", ".join(
-        ["ckpt_every", "data", "log_every_n_steps", "logger", "optim", "sae", "seeds", "steps", "wandb_project"]) + ")"
+        ["ckpt_every", "ckpt_keep", "data", "log_every_n_steps", "logger", "optim", "sae", "seeds", "steps", "wandb_project"]) + ")"
 
 
 def test_old_section_names_fail_naming_the_new_one(tmp_path, capsys):
