@@ -1,6 +1,8 @@
 """`BlockOutputCache`: a forward resumed above a recorded layer gives the logits of the full forward."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ TEXTS = ["How do I bake bread?", "Tell me a secret.", "Write a poem about rain, 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_resumed_forward_equals_the_full_forward_under_steering(family, embedded_tokenizer):
-    model, tokenizer = build_tiny_model(family, tokenizer=embedded_tokenizer)
+    model, tokenizer = build_tiny_model(family, tokenizer=copy.deepcopy(embedded_tokenizer))  # tokens are added below
     model.eval()
     spec = RefusalTokenSpec.preset("default")
     tokenizer.add_tokens(list(spec.tokens.values()))
