@@ -2,7 +2,8 @@
 
 Run layout written here (see docs/sae.md):
 
-    RUN/seed_<s>/{sae.safetensors, sae_weights.safetensors -> sae.safetensors, cfg.json, metrics.csv}
+    RUN/seed_<s>/{sae.safetensors, sae_weights.safetensors -> sae.safetensors, cfg.json, sparsity.safetensors,
+                  metrics.csv}    (sparsity: SAELens' log10 firing density on the metrics rows)
     RUN/metrics.json        per-seed final fvu, l0, dead_fraction (+ n and Wilson 95% CI), steps
     RUN/logs/version_<n>/metrics.csv   Lightning CSV logs (one version per (re)start)
     RUN/ckpt/last.ckpt      Lightning checkpoint for resuming
@@ -18,7 +19,8 @@ import lightning.pytorch as pl
 import torch
 
 from activations.io import write_json, write_text_atomic
-from sae.export import save_sae
+from activations.model_loading import hub_id
+from sae.export import save_sae, save_sparsity
 from activations.stats import wilson_ci
 from sae.tracking import evaluate_sae
 
@@ -103,6 +105,8 @@ class RunExport(pl.Callback):
             logger.save()
         log_rows = merged_log_rows(self.out_dir / "logs")
         steps = int(trainer.global_step)
+        model_path = str(model_info.get("id", ""))
+        model_name = hub_id(model_path) or model_path  # SAELens tools load the model by this name
         for seed, sae, tracker in zip(module.seeds, module.saes, module.trackers):
             split, batches = datamodule.metrics_batches()
             scores = evaluate_sae(sae, batches)
@@ -118,12 +122,13 @@ class RunExport(pl.Callback):
             save_sae(
                 sae, seed_dir,
                 meta={
-                    "layer": self.layer, "seed": seed, "model_name": str(model_info.get("id", "")),
+                    "layer": self.layer, "seed": seed, "model_name": model_name, "model_path": model_path,
                     "context_size": manifest.get("max_length"), "prepend_bos": True,
                     "dataset_path": str(datamodule.shards_dir), "shards_manifest_sha256": datamodule.manifest_sha256,
                     "split": datamodule.split, "final_metrics": record,
                 },
             )
+            save_sparsity(seed_dir, scores["firing_density"])
             write_seed_csv(log_rows, seed, seed_dir / "metrics.csv")
         write_json(
             self.out_dir / "metrics.json",

@@ -42,7 +42,8 @@ class SAEConfig:
         contrastive_temperature: temperature of that term (cosine similarities are divided by it).
         normalize_input: scale inputs to mean squared norm d_in during training (the scale is
             folded into the weights at export, so exported SAEs take raw activations).
-        batchtopk_row_cap: BatchTopK keeps at most `batchtopk_row_cap * k` latents in one row.
+        batchtopk_row_cap: while training, BatchTopK keeps at most `batchtopk_row_cap * k` latents
+            in one row (at inference the threshold alone decides, as in SAELens).
         threshold_momentum: EMA momentum of the BatchTopK inference threshold estimate.
         apply_b_dec_to_input: subtract b_dec before encoding (always true for SAEs trained here).
     """
