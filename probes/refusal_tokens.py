@@ -169,6 +169,7 @@ def first_token_logits(
     max_length: int | None = 512,
     make_context: Callable[[np.ndarray], ContextManager] | None = None,
     progress: bool = False,
+    desc: str = "first-token logits",
 ) -> torch.Tensor:
     """Logits of the class tokens at the last prompt position, `(n, n_classes)` float32 on the CPU.
 
@@ -176,7 +177,7 @@ def first_token_logits(
     `make_context(rows)` is entered around the forward, `rows` being the `(batch,)` int64 indices of
     the batch's texts, so a caller can install per-row steering or gating hooks.
     """
-    from tqdm.auto import tqdm
+    from activations.progress import progress_bar
 
     if len(texts) == 0:
         raise ValueError("no prompts to score")
@@ -186,7 +187,7 @@ def first_token_logits(
     device = model_device(model)
     chunks = []
     starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="first-token logits", disable=not progress):
+    for start in progress_bar(starts, desc=desc, unit="batch", disable=not progress):
         rows = np.arange(start, min(len(texts), start + batch_size), dtype=np.int64)
         batch = encode_prompts(tokenizer, [texts[i] for i in rows], chat_template, max_length, device=device)
         context = make_context(rows) if make_context is not None else contextlib.nullcontext()

@@ -235,7 +235,7 @@ class DataConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-LOGGERS = ("csv", "wandb")
+LOGGERS = ("csv", "wandb", "tensorboard")
 
 
 @dataclass
@@ -250,7 +250,8 @@ class TrainConfig:
         data: rows, order and placement.
         ckpt_every: steps between checkpoints (`RUN/ckpt/last.ckpt`).
         log_every_n_steps: steps between logged metrics.
-        logger: "csv" (always written) or "wandb" (also; offline unless WANDB_MODE=online).
+        logger: "csv" (always written), "wandb" (also; offline unless WANDB_MODE=online) or
+            "tensorboard" (also, into RUN/tensorboard; needs the tensorboard package).
         wandb_project: the W&B project name.
     """
 
@@ -261,7 +262,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     ckpt_every: int = 500
     log_every_n_steps: int = 50
-    logger: Literal["csv", "wandb"] = "csv"
+    logger: Literal["csv", "wandb", "tensorboard"] = "csv"
     wandb_project: str = "refusal-sae"
 
     def __post_init__(self) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from sae.callbacks import RunExport
+from sae.callbacks import RunExport, TrainProgress
 from sae.config import LOGGERS, TrainConfig
 from sae.data import ShardDataModule
 from sae.module import SAELightningModule
@@ -25,13 +25,21 @@ class FinalCheckpoint(pl.Callback):
 
 
 def make_loggers(out_dir: Path, logger: str, wandb_project: str = "refusal-sae") -> list[Any]:
-    """CSV logs always (`RUN/logs/version_<n>/metrics.csv`); wandb too when asked (offline unless
-    WANDB_MODE=online), imported only then."""
+    """CSV logs always (`RUN/logs/version_<n>/metrics.csv`); wandb (offline unless WANDB_MODE=online)
+    or TensorBoard (`RUN/tensorboard/`) too when asked, imported only then."""
     if logger not in LOGGERS:
         raise ValueError(f"unknown logger {logger!r}; expected one of {', '.join(LOGGERS)}")
     from lightning.pytorch.loggers import CSVLogger
 
     loggers: list[Any] = [CSVLogger(save_dir=str(out_dir), name="logs")]
+    if logger == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ValueError("--train.logger tensorboard needs the tensorboard package (pip install tensorboard)")
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(out_dir), name="tensorboard"))
     if logger == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -40,8 +48,9 @@ def make_loggers(out_dir: Path, logger: str, wandb_project: str = "refusal-sae")
     return loggers
 
 
-def run_callbacks(out_dir: Path, layer: int, ckpt_every: int, print_table: bool = True) -> list[pl.Callback]:
-    """Periodic + final `RUN/ckpt/last.ckpt`, and the end-of-run export."""
+def run_callbacks(out_dir: Path, layer: int, ckpt_every: int, print_table: bool = True,
+                  progress: bool = True) -> list[pl.Callback]:
+    """Periodic + final `RUN/ckpt/last.ckpt`, the end-of-run export, and the step bar (with `progress`)."""
     if ckpt_every < 1:
         raise ValueError(f"ckpt_every must be >= 1, got {ckpt_every}")
     ckpt_dir = out_dir / "ckpt"
@@ -49,7 +58,8 @@ def run_callbacks(out_dir: Path, layer: int, ckpt_every: int, print_table: bool 
         dirpath=str(ckpt_dir), filename="step-{step}", save_top_k=0, save_last=True, every_n_train_steps=ckpt_every
     )
     # export before the final checkpoint: a run killed between the two re-trains its last steps and exports
-    return [periodic, RunExport(out_dir, layer, print_table=print_table), FinalCheckpoint(ckpt_dir / "last.ckpt")]
+    callbacks = [periodic, RunExport(out_dir, layer, print_table=print_table), FinalCheckpoint(ckpt_dir / "last.ckpt")]
+    return callbacks + ([TrainProgress()] if progress else [])
 
 
 def resolve_ckpt_path(out_dir: Path, ckpt_path: str | None) -> str | None:
@@ -105,7 +115,9 @@ def train_saes(
 ) -> Path:
     """Train one SAE per seed of `cfg` on `layer` of the activation store and export them to `out_dir`.
 
-    `trainer`: further `lightning.Trainer` arguments (accelerator, devices, strategy, precision, ...);
+    `enable_progress_bar`: False hides the step bar (`sae.callbacks.TrainProgress`, on stderr, with
+    loss and FVU; Lightning's own bar is never used). `trainer`: further `lightning.Trainer`
+    arguments (accelerator, devices, strategy, precision, ...);
     the ones in `TRAINER_OWNED` come from `cfg` and may not be given. Returns `out_dir`, which then
     holds `seed_<s>/` SAELens exports, `metrics.json`, CSV logs and `ckpt/last.ckpt` (pass
     `ckpt_path="last"` to resume a killed run exactly).
@@ -122,10 +134,11 @@ def train_saes(
     pl_trainer = pl.Trainer(
         max_steps=cfg.steps,
         logger=make_loggers(out, cfg.logger, cfg.wandb_project),
-        callbacks=run_callbacks(out, layer, cfg.ckpt_every, print_table=print_table),
+        callbacks=run_callbacks(out, layer, cfg.ckpt_every, print_table=print_table,
+                                progress=enable_progress_bar is not False),
         log_every_n_steps=cfg.log_every_n_steps,
         default_root_dir=str(out),
-        enable_progress_bar=enable_progress_bar,
+        enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,

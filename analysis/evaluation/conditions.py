@@ -92,14 +92,16 @@ def run_refusal(
     plan: Plan | None = None,
     context: Callable[[np.ndarray], AbstractContextManager] | None = None,
     progress: bool = False,
+    desc: str = "refusal",
 ) -> list[RefusalResult]:
-    """Refusal-token evaluation of `records` under `plan` (steering) or `context` (e.g. ablation)."""
+    """Refusal-token evaluation of `records` under `plan` (steering) or `context` (e.g. ablation);
+    `progress` shows a bar named `desc`."""
     if plan is not None and context is not None:
         raise ValueError("give a steering plan or a context, not both")
     make_context = plan.context(setup) if plan is not None else context
     return evaluate_refusal(
         setup.model, setup.tokenizer, records, spec=setup.spec, make_context=make_context,
-        batch_size=setup.batch_size, max_length=setup.max_length, progress=progress,
+        batch_size=setup.batch_size, max_length=setup.max_length, progress=progress, desc=desc,
     )
 
 

@@ -150,6 +150,7 @@ def evaluate_refusal(
     phrases: Sequence[str] = DEFAULT_REFUSAL_PHRASES,
     window: int = DEFAULT_WINDOW,
     progress: bool = False,
+    desc: str = "refusal",
 ) -> list[RefusalResult]:
     """Measure refusal on `records` with every method that applies.
 
@@ -167,7 +168,7 @@ def evaluate_refusal(
     if spec is not None:
         logits = first_token_logits(
             model, tokenizer, prompts, spec, batch_size=batch_size, chat_template=chat_template,
-            max_length=max_length, make_context=make_context, progress=progress,
+            max_length=max_length, make_context=make_context, progress=progress, desc=desc,
         )
         decisions = first_token_decisions(logits)
         log_odds = np.asarray(refusal_log_odds(logits), dtype=np.float64)
@@ -175,6 +176,7 @@ def evaluate_refusal(
         texts = generate_texts(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
             make_context=make_context, chat_template=chat_template, max_length=max_length, progress=progress,
+            desc=f"{desc}: generate",
         )
     if judge is not None:
         judged = list(judge(prompts, list(texts)))
