@@ -154,8 +154,10 @@ def test_steer_baseline_alphas_and_ablation(world, tmp_path, capsys):
     out = tmp_path / "steer.json"
     argv = steer_argv(world, out, "--alpha", 0, 50, "--ablate-sae", world / "sae" / "seed_0",
                       "--features", world / "select" / "seed_0" / "features.json")
-    code, printed, _ = call(steer_main, argv, capsys)
+    code, printed, err = call(steer_main, argv, capsys)
     assert code == 0 and out.is_file() and "steer+50" in printed and "McNemar" in printed
+    for name in ("baseline", "steer+50", "steer-50", "ablate"):  # one bar per condition, on stderr
+        assert any(line.startswith(f"condition {name}: 100%") for line in err.splitlines()), (name, err)
     result = json.loads(out.read_text())
     assert [c["name"] for c in result["conditions"]] == ["baseline", "steer+0", "steer+50", "steer-50", "ablate"]
     assert result["n"] == 14 and result["split"] == "eval"
