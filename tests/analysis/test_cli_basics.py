@@ -105,3 +105,21 @@ def test_progress_bars_write_lines_at_a_log_rate(monkeypatch) -> None:
     for _ in progress_bar(range(5), desc="off", stream=stream):
         pass
     assert stream.getvalue() == ""
+
+
+def test_the_wheel_carries_the_configs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import zipfile
+
+    from analysis.bundled import bundled_names
+
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = tmp_path.glob("refusal_sae-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = sorted(n[len("analysis/configs/"):-len(".yaml")] for n in names
+                     if n.startswith("analysis/configs/") and n.endswith(".yaml"))
+    assert shipped == bundled_names() and "quickstart" in shipped
+    assert sorted(str(p.relative_to(REPO / "configs").with_suffix("")) for p in (REPO / "configs").rglob("*.yaml")) == shipped
