@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from activations.progress import progress_bar
 
 from activations.adapter import ModelAdapter
 from activations.harvest_batches import PromptBatch, prefetched_batches
@@ -210,7 +210,7 @@ def _run_batches(
 ) -> None:
     """Forward each batch; the device→host copy of batch i overlaps the forward of batch i+1 on a GPU."""
     on_cuda = adapter.device.type == "cuda"
-    bar = tqdm(total=n_prompts, unit="prompt", desc="harvest", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=n_prompts, unit="prompt", desc="harvest", disable=not progress)
     started, done_prompts, done_tokens = time.perf_counter(), 0, 0
     pending: tuple[PromptBatch, dict[int, torch.Tensor], Any] | None = None
 

@@ -171,6 +171,7 @@ def first_token_logits(
     make_context: Callable[[np.ndarray], ContextManager] | None = None,
     progress: bool = False,
     cache: BlockOutputCache | None = None,
+    desc: str = "first-token logits",
 ) -> torch.Tensor:
     """Logits of the class tokens at the last prompt position, `(n, n_classes)` float32 on the CPU.
 
@@ -182,7 +183,7 @@ def first_token_logits(
     cache's layer or later), a batch whose texts were seen before skips the blocks below that layer;
     an unmodified forward (`make_context` None) records them. The logits are the same either way.
     """
-    from tqdm.auto import tqdm
+    from activations.progress import progress_bar
 
     if len(texts) == 0:
         raise ValueError("no prompts to score")
@@ -192,7 +193,7 @@ def first_token_logits(
     device = model_device(model)
     chunks = []
     starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="first-token logits", disable=not progress):
+    for start in progress_bar(starts, desc=desc, unit="batch", disable=not progress):
         rows = np.arange(start, min(len(texts), start + batch_size), dtype=np.int64)
         batch = encode_prompts(tokenizer, [texts[i] for i in rows], chat_template, max_length, device=device)
         key = (chat_template, max_length, *(texts[i] for i in rows))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+from activations.progress import progress_bar
 
 from activations.io import read_json, write_json
 from activations.model_identity import check_same_model
@@ -142,7 +142,7 @@ def stability_selection(
     counts = np.zeros((len(classes), d), dtype=np.float64)
     weight_sum = np.zeros((len(classes), d), dtype=np.float64)
     n_fits = len(matrices) * n_bootstrap
-    with tqdm(total=n_fits, desc="stability selection", disable=None) as bar:
+    with progress_bar(total=n_fits, desc="stability selection", unit="fit") as bar:
         for m in matrices:
             for _ in range(n_bootstrap):
                 resample = m.subset(_stratified_bootstrap(m.categories, rng))

@@ -42,7 +42,8 @@ class SAEConfig:
         contrastive_temperature: temperature of that term (cosine similarities are divided by it).
         normalize_input: scale inputs to mean squared norm d_in during training (the scale is
             folded into the weights at export, so exported SAEs take raw activations).
-        batchtopk_row_cap: BatchTopK keeps at most `batchtopk_row_cap * k` latents in one row.
+        batchtopk_row_cap: while training, BatchTopK keeps at most `batchtopk_row_cap * k` latents
+            in one row (at inference the threshold alone decides, as in SAELens).
         threshold_momentum: EMA momentum of the BatchTopK inference threshold estimate.
         apply_b_dec_to_input: subtract b_dec before encoding (always true for SAEs trained here).
     """
@@ -244,7 +245,7 @@ class DataConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-LOGGERS = ("csv", "wandb")
+LOGGERS = ("csv", "wandb", "tensorboard")
 
 
 @dataclass
@@ -261,7 +262,8 @@ class TrainConfig:
         ckpt_keep: periodic checkpoints kept on disk while training (the newest; 0 = none);
             `RUN/ckpt/last.ckpt`, written once at the end, replaces them.
         log_every_n_steps: steps between logged metrics.
-        logger: "csv" (always written) or "wandb" (also; offline unless WANDB_MODE=online).
+        logger: "csv" (always written), "wandb" (also; offline unless WANDB_MODE=online) or
+            "tensorboard" (also, into RUN/tensorboard; needs the tensorboard package).
         wandb_project: the W&B project name.
     """
 
@@ -273,7 +275,7 @@ class TrainConfig:
     ckpt_every: int = 500
     ckpt_keep: int = 1
     log_every_n_steps: int = 50
-    logger: Literal["csv", "wandb"] = "csv"
+    logger: Literal["csv", "wandb", "tensorboard"] = "csv"
     wandb_project: str = "refusal-sae"
 
     def __post_init__(self) -> None:

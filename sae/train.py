@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from sae.callbacks import RunExport
+from sae.callbacks import RunExport, TrainProgress
 from sae.checkpoints import RunCheckpoints, resume_point, run_identity
 from sae.config import LOGGERS, TrainConfig
 from sae.data import ShardDataModule
@@ -16,13 +16,21 @@ from sae.module import SAELightningModule
 
 
 def make_loggers(out_dir: Path, logger: str, wandb_project: str = "refusal-sae") -> list[Any]:
-    """CSV logs always (`RUN/logs/version_<n>/metrics.csv`); wandb too when asked (offline unless
-    WANDB_MODE=online), imported only then."""
+    """CSV logs always (`RUN/logs/version_<n>/metrics.csv`); wandb (offline unless WANDB_MODE=online)
+    or TensorBoard (`RUN/tensorboard/`) too when asked, imported only then."""
     if logger not in LOGGERS:
         raise ValueError(f"unknown logger {logger!r}; expected one of {', '.join(LOGGERS)}")
     from lightning.pytorch.loggers import CSVLogger
 
     loggers: list[Any] = [CSVLogger(save_dir=str(out_dir), name="logs")]
+    if logger == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ValueError("--train.logger tensorboard needs the tensorboard package (pip install tensorboard)")
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(out_dir), name="tensorboard"))
     if logger == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -68,7 +76,9 @@ def train_saes(
 ) -> Path:
     """Train one SAE per seed of `cfg` on `layer` of the activation store and export them to `out_dir`.
 
-    `trainer`: further `lightning.Trainer` arguments (accelerator, devices, strategy, precision, ...);
+    `enable_progress_bar`: False hides the step bar (`sae.callbacks.TrainProgress`, on stderr, with
+    loss and FVU; Lightning's own bar is never used). `trainer`: further `lightning.Trainer`
+    arguments (accelerator, devices, strategy, precision, ...);
     the ones in `TRAINER_OWNED` come from `cfg` and may not be given. Returns `out_dir`, which then
     holds `seed_<s>/` SAELens exports, `metrics.json`, CSV logs and `ckpt/last.ckpt`.
 
@@ -99,10 +109,11 @@ def train_saes(
         max_steps=cfg.steps,
         logger=make_loggers(out, cfg.logger, cfg.wandb_project),
         callbacks=[RunExport(out, layer, print_table=print_table),
-                   RunCheckpoints(out, cfg.ckpt_every, cfg.ckpt_keep, identity)],
+                   RunCheckpoints(out, cfg.ckpt_every, cfg.ckpt_keep, identity)]
+        + ([TrainProgress()] if enable_progress_bar is not False else []),
         log_every_n_steps=cfg.log_every_n_steps,
         default_root_dir=str(out),
-        enable_progress_bar=enable_progress_bar,
+        enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,  # RunCheckpoints writes the checkpoints
         num_sanity_val_steps=0,

@@ -104,8 +104,10 @@ def run_refusal(
     context: Callable[[np.ndarray], AbstractContextManager] | None = None,
     progress: bool = False,
     at_layer: bool = True,
+    desc: str = "refusal",
 ) -> list[RefusalResult]:
-    """Refusal-token evaluation of `records` under `plan` (steering) or `context` (e.g. ablation).
+    """Refusal-token evaluation of `records` under `plan` (steering) or `context` (e.g. ablation);
+    `progress` shows a bar named `desc`.
 
     `at_layer`: the intervention acts at `setup.layer` or later, so batches seen unsteered before
     skip the blocks below it (`EvalSetup.block_cache`); pass False for one acting at earlier layers.
@@ -115,7 +117,7 @@ def run_refusal(
     make_context = plan.context(setup) if plan is not None else context
     return evaluate_refusal(
         setup.model, setup.tokenizer, records, spec=setup.spec, make_context=make_context,
-        batch_size=setup.batch_size, max_length=setup.max_length, progress=progress,
+        batch_size=setup.batch_size, max_length=setup.max_length, progress=progress, desc=desc,
         cache=setup.block_cache if at_layer or make_context is None else None,
     )
 

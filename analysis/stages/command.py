@@ -63,7 +63,7 @@ class Command:
     renamed: Mapping[str, Sequence[str]] = field(default_factory=dict)  # old flag -> new tokens
     positional: str | None = None  # an inputs field that also takes leading bare arguments
     extend: Callable[[Any], None] | None = None  # adds extra flag groups (train: --trainer.*)
-    old_sections: Mapping[str, str] = field(default_factory=dict)  # old YAML section -> hint
+    old_sections: Mapping[str, str] = field(default_factory=dict)  # old YAML section (or dotted key) -> hint
 
 
 # --- dataclass introspection ---------------------------------------------------------------------
@@ -185,6 +185,18 @@ def _resolve_key(cmd: Command, key: str, flags: Mapping[str, str]) -> str:
     return key  # unknown: the parser names it
 
 
+def resolve_config_names(argv: Sequence[str]) -> list[str]:
+    """`-c NAME` of a config file that does not exist → the bundled config of that name, if any
+    (`analysis.bundled`: `-c quickstart` or `-c configs/quickstart.yaml` work outside the repository)."""
+    from analysis.bundled import resolve_config_path
+
+    out = list(argv)
+    for i, token in enumerate(out[:-1]):
+        if token in ("-c", "--config"):
+            out[i + 1] = resolve_config_path(out[i + 1])
+    return out
+
+
 def check_config_file(cmd: Command, argv: Sequence[str]) -> None:
     """Stop with one line when a `-c` YAML file uses a section this version renamed."""
     import yaml
@@ -201,8 +213,12 @@ def check_config_file(cmd: Command, argv: Sequence[str]) -> None:
             if not isinstance(data, dict):
                 raise ValueError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
             for old, hint in cmd.old_sections.items():
-                if old in data:
-                    raise ValueError(f"config file {path}: section '{old}' {hint}")
+                node: Any = data
+                for part in old.split("."):
+                    node = node.get(part) if isinstance(node, dict) else None
+                if node is not None:
+                    what = "key" if "." in old else "section"
+                    raise ValueError(f"config file {path}: {what} '{old}' {hint}")
 
 
 # --- parser, parse, run --------------------------------------------------------------------------
@@ -241,6 +257,10 @@ def _friendly(cmd: Command, message: str) -> str:
     if match:
         known = sorted({k.split(".")[0] for k in flags})
         return f"unknown config key '{match.group(1)}' (known: {', '.join(known)})"
+    match = re.search(r'Parser key "([\w.]+)": Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)$', message)
+    if match:
+        key, choices, value = match.groups()
+        return f"--{key} must be one of {choices.replace(chr(39), '')}; got {value!r}"
     match = re.search(r"unrecognized arguments: (\S+)", message)
     if match:
         return f"unknown option {match.group(1)} (`refusal-sae {cmd.name} --help` lists the options)"
@@ -251,7 +271,7 @@ def parse(cmd: Command, argv: Sequence[str]) -> tuple[Any, Any, dict[str, Any]]:
     """`(config object or None, inputs object, extras)` from the command line; bad input raises ValueError."""
     from jsonargparse import ArgumentError
 
-    argv = translate_argv(cmd, argv)
+    argv = resolve_config_names(translate_argv(cmd, argv))
     check_config_file(cmd, argv)
     parser = build_parser(cmd)
     try:

@@ -4,7 +4,7 @@ Example::
 
     refusal-sae steer --model runs/pipe/refusal_model/model --vectors runs/vectors/residual \
         --vector global --layer 9 --prompts builtin:quickstart --split eval --steer.alphas 2 4 8 \
-        --ablate_sae runs/sae/seed_0 --features runs/select/seed_0/features.json --out runs/steer.json
+        --ablate_sae runs/sae --features runs/select/seed_0/features.json --out runs/steer.json
 
 Refusal is the model's refusal-token decision on its first response token (spec from
 `MODEL/refusal_tokens.json`, or `--tokens`). Conditions: `baseline`; `steer+A` and `steer-A` for each
@@ -16,7 +16,6 @@ A of `--steer.alphas` (adding ±A · v at `--layer` on every position, or `--ste
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,9 +59,10 @@ class Inputs(TargetInputs):
         vectors: vector-set folder (e.g. VECTORS/residual).
         vector: name of the vector in the set (e.g. global, safety).
         layer: block whose output is steered.
-        ablate_sae: one exported SAE folder (RUN/seed_<s>): adds the ablation condition.
-        features: features.json of that SAE seed (`refusal-sae select`; a folder means its
-            features.json): the latents to ablate.
+        ablate_sae: SAE training run folder (then the seed the features were selected on) or one
+            seed's folder (RUN/seed_<s>): adds the ablation condition.
+        features: features.json of `refusal-sae select` (a selection folder means its reference
+            features.json, seed_<s>/features.json one seed's): the latents to ablate.
         out: output JSON.
     """
 
@@ -128,7 +128,7 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
     from analysis.evaluation.conditions import EvalSetup, Plan, refusal_table
     from analysis.evaluation.refusal import compare_conditions, evaluate_refusal
     from analysis.interventions.ablation import ablate_features
-    from analysis.stages.common import load_records, load_seed_sae, load_target
+    from analysis.stages.common import features_seed, load_records, load_seed_sae, load_target
 
     if (inputs.ablate_sae is None) != (inputs.features is None):
         raise ValueError("--ablate_sae and --features go together (the SAE and the features selected on it)")
@@ -141,7 +141,11 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
     setup = EvalSetup(model, tokenizer, spec, inputs.layer, cfg.positions, cfg.batch_size, inputs.max_length)
     ablated: list[int] = []
     if inputs.ablate_sae is not None:
-        sae, sae_seed = load_seed_sae(inputs.ablate_sae, inputs.layer, adapter.d_model, str(adapter.device), identity)
+        from sae.export import CFG_NAME
+
+        is_run = not (Path(inputs.ablate_sae) / CFG_NAME).is_file()  # a run: take the features' seed from it
+        sae, sae_seed = load_seed_sae(inputs.ablate_sae, inputs.layer, adapter.d_model, str(adapter.device), identity,
+                                      seed=features_seed(inputs.features) if is_run else None)
         ablated = ablated_feature_ids(inputs.features, inputs.layer, sae.d_sae, sae_seed, identity)
 
     n = len(records)
@@ -155,7 +159,6 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
 
     results = {}
     for cond in conditions:
-        print(f"condition {cond['name']} ({n} prompts)", file=sys.stderr, flush=True)
         if cond["kind"] == "baseline":
             context = None
         elif cond["kind"] == "steer":
@@ -164,7 +167,8 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
             context = zeroed
         results[cond["name"]] = evaluate_refusal(
             model, tokenizer, records, spec=spec, make_context=context, batch_size=cfg.batch_size,
-            chat_template=inputs.chat_template, max_length=inputs.max_length, progress=sys.stderr.isatty())
+            chat_template=inputs.chat_template, max_length=inputs.max_length, progress=True,
+            desc=f"condition {cond['name']}")
 
     payload = {
         "schema_version": 1, "command": "steer", "model": inputs.model, "layer": inputs.layer,

@@ -89,6 +89,7 @@ def _renamed() -> dict[str, list[str]]:
         "out_dir": ["--out"], "data.shards_dir": ["--acts"], "data.layer": ["--layer"],
         "trainer.max_steps": ["--train.steps"], "trainer.log_every_n_steps": ["--train.log_every_n_steps"],
         "model.seeds": ["--train.seeds"], "seeds": ["--train.seeds"], "logger": ["--train.logger"],
+        "trainer.logger": ["--train.logger"],  # the train config owns the loggers (csv | wandb | tensorboard)
         "ckpt_every": ["--train.ckpt_every"], "wandb_project": ["--train.wandb_project"],
     }
     renamed.update({f"model.{f.name}": [f"--train.optim.{f.name}"] for f in dataclasses.fields(OptimConfig)})
@@ -103,7 +104,8 @@ COMMAND = Command(
     show=show, config=Config, section=NAME, renamed=_renamed(), extend=add_trainer_args,
     old_sections={"model": "is now 'train' (seeds, sae, optim) — see configs/sae/smollm2.yaml",
                   "data": "is now 'train.data', with shards_dir → acts and layer → layer at the top level",
-                  "out_dir": "is now 'out'"},
+                  "out_dir": "is now 'out'",
+                  "trainer.logger": "is set by 'train.logger' (csv | wandb | tensorboard): the train config owns the loggers"},
 )
 
 
