@@ -90,7 +90,8 @@ class TrainProgress(pl.Callback):
             self.bar.close()
             self.bar = None
 
-    on_exception = on_train_end
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)
 
 
 def mean_seed_metrics(metrics: dict[str, Any], names: tuple[str, ...]) -> dict[str, float]:
