@@ -2,12 +2,13 @@
 
 Run layout written here (see docs/sae.md):
 
-    RUN/seed_<s>/{sae.safetensors, sae_weights.safetensors -> sae.safetensors, cfg.json, metrics.csv}
+    RUN/seed_<s>/{sae.safetensors, sae_weights.safetensors -> sae.safetensors, cfg.json, sparsity.safetensors,
+                  metrics.csv}    (sparsity: SAELens' log10 firing density on the evaluation rows)
     RUN/seed_<s>/latent_stats.safetensors   firing_frequency (d_sae,) float64 on the evaluation rows
     RUN/metrics.json        per-seed held-out quality (`sae.quality`): fvu, l0 (all / per kind),
                             dead and dense fractions (+ Wilson 95% CI), steps; the training-row counts
     RUN/logs/version_<n>/metrics.csv   Lightning CSV logs (one version per (re)start)
-    RUN/ckpt/last.ckpt      Lightning checkpoint for resuming
+    RUN/ckpt/               checkpoints and the run identity (sae/checkpoints.py)
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ import lightning.pytorch as pl
 import torch
 
 from activations.io import save_numpy_tensors, write_json, write_text_atomic
+from activations.progress import progress_bar
+from activations.model_loading import hub_id
 from activations.stats import wilson_ci
 from activations.store import ActivationStore
-from sae.export import save_sae
+from sae.export import save_sae, save_sparsity
 from sae.quality import evaluate_quality
 
 
@@ -70,6 +73,48 @@ def format_table(per_seed: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+class TrainProgress(pl.Callback):
+    """One bar over the optimiser steps on stderr (`activations.progress`; a resumed run starts at its
+    step), showing the seeds' mean loss and FVU of the last logged step (read once per log interval)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.bar = progress_bar(total=trainer.max_steps, initial=trainer.global_step, desc="train", unit="step")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.bar is None:
+            return
+        step = int(trainer.global_step)
+        if step % max(1, trainer.log_every_n_steps) == 0:
+            postfix = mean_seed_metrics(trainer.callback_metrics, ("total", "fvu"))
+            if postfix:
+                self.bar.set_postfix({"loss" if k == "total" else k: f"{v:.4g}" for k, v in postfix.items()},
+                                     refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)
+
+
+def mean_seed_metrics(metrics: dict[str, Any], names: tuple[str, ...]) -> dict[str, float]:
+    """`{name: mean over seeds}` of logged `seed<s>/<name>` metrics (names without any are left out)."""
+    out = {}
+    for name in names:
+        values = [float(v) for k, v in metrics.items() if k.startswith("seed") and k.endswith(f"/{name}")]
+        if values:
+            out[name] = sum(values) / len(values)
+    return out
+
+
 class RunExport(pl.Callback):
     """At the end of `fit`: check ranks agree, score every seed, export, write metrics, print a table.
 
@@ -100,6 +145,7 @@ class RunExport(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.monitor.raise_if_bad()
+        pl_module.divergence.raise_if_bad(final=True)  # a diverged SAE is never exported
         pl_module.sync_seed_states()  # seed-parallel: owners' weights to every rank (no-op otherwise)
         self._check_ranks_agree(trainer, pl_module)
         if trainer.is_global_zero:
@@ -114,19 +160,24 @@ class RunExport(pl.Callback):
             logger.save()
         log_rows = merged_log_rows(self.out_dir / "logs")
         steps = int(trainer.global_step)
+        model_path = str(model_info.get("id", ""))
+        model_name = hub_id(model_path) or model_path  # SAELens tools load the model by this name
         qualities = evaluate_quality(list(module.saes), ActivationStore(datamodule.shards_dir), self.layer, datamodule.data_cfg)
         rows = datamodule.selection.to_dict() if datamodule.selection is not None else None
         for seed, sae, tracker, quality in zip(module.seeds, module.saes, module.trackers, qualities):
             n_auxk_dead = int(tracker.dead_mask().sum())
             frequency = quality.pop("firing_frequency")
-            record = {**quality, "auxk_dead_fraction": n_auxk_dead / sae.d_sae,
-                      "auxk_dead_fraction_ci": list(wilson_ci(n_auxk_dead, sae.d_sae)), "steps": steps}
+            record = {**quality, "never_fired_fraction": quality["dead_fraction"],
+                      "auxk_dead_fraction": n_auxk_dead / sae.d_sae,
+                      "auxk_dead_fraction_ci": list(wilson_ci(n_auxk_dead, sae.d_sae)), "steps": steps,
+                      "k": sae.cfg.k, "architecture": sae.cfg.architecture}
             self.metrics[str(seed)] = record
             seed_dir = self.out_dir / f"seed_{seed}"
             save_sae(
                 sae, seed_dir,
                 meta={
-                    "layer": self.layer, "seed": seed, "model_name": str(model_info.get("id", "")),
+                    "layer": self.layer, "seed": seed, "model_name": model_name, "model_path": model_path,
+                    "model_identity": model_info,
                     "context_size": manifest.get("max_length"), "prepend_bos": True,
                     "dataset_path": str(datamodule.shards_dir), "shards_manifest_sha256": datamodule.manifest_sha256,
                     "split": datamodule.split, "training_rows": rows,
@@ -136,6 +187,7 @@ class RunExport(pl.Callback):
                 },
             )
             save_numpy_tensors(seed_dir / "latent_stats.safetensors", {"firing_frequency": frequency})
+            save_sparsity(seed_dir, frequency)
             write_seed_csv(log_rows, seed, seed_dir / "metrics.csv")
         write_json(
             self.out_dir / "metrics.json",

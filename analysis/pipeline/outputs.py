@@ -29,12 +29,15 @@ def _value_entry(entry: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 SPLICE_KEYS = ("ce_recovered", "kl", "decision_fidelity")
+SAE_KEYS = ("fvu", "l0", "dead_fraction", "dense_fraction", "n_rows", "metrics_split", "held_out",
+            "k", "n_latents", "steps")
+"""Per-seed keys of summary.json's `sae` block, read from the exported run's metrics.json."""
 
 
 def sae_quality_summary(m: dict[str, Any]) -> dict[str, Any]:
-    """One seed's entry of summary.json `sae`: held-out fvu / l0 (all rows and per position kind),
-    dead and dense fractions, and the spliced scores per site (flat keys)."""
-    out = {k: m.get(k) for k in ("fvu", "l0", "dead_fraction", "dense_fraction", "n_rows", "metrics_split", "held_out")}
+    """One seed's entry of summary.json `sae`: shape (k, n_latents, steps), held-out fvu / l0 (all rows
+    and per position kind), dead and dense fractions, and the spliced scores per site (flat keys)."""
+    out = {k: m.get(k) for k in SAE_KEYS if k in m}
     for kind, scores in (m.get("by_kind") or {}).items():
         out[f"fvu_{kind}"], out[f"l0_{kind}"], out[f"n_rows_{kind}"] = scores["fvu"], scores["l0"], scores["n_rows"]
     for site, scores in (m.get("splice") or {}).items():
@@ -44,11 +47,16 @@ def sae_quality_summary(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def sae_block(ctx: RunContext) -> dict[str, dict[str, Any]]:
+    """summary.json's `sae` block: the metrics and shape of the SAEs the train stage exported."""
+    seeds = _read(ctx.stage_dir(TRAIN) / "metrics.json")["seeds"]
+    return {str(seed): sae_quality_summary(m) for seed, m in seeds.items()}
+
+
 def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: float) -> dict[str, Any]:
     """summary.json contents from the stage outputs of the run."""
     prompts = _read(manifest_path(ctx))
     train_metrics = _read(ctx.stage_dir(TRAIN) / "metrics.json")
-    sae_metrics = train_metrics["seeds"]
     select = _read(selection_dir(ctx, "sae") / SELECT_REPORT)
     reference = f"seed_{select['reference_seed']}"
     probe_eval = select["runs"][reference]["probe_eval"]
@@ -66,7 +74,7 @@ def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
         "seeds": list(ctx.cfg.train.seeds),
         "splits": {name: {"n": s["n"], "sha256": s["sha256"], "categories": s["categories"]}
                    for name, s in prompts["splits"].items()},
-        "sae": {str(seed): sae_quality_summary(m) for seed, m in sae_metrics.items()},
+        "sae": sae_block(ctx),
         "sae_training_rows": train_metrics.get("training_rows"),
         "probe": {
             "space": f"sae latents, {reference}",

@@ -4,9 +4,10 @@ Schema version 1 (documented in the README):
     schema_version: 1
     model: str; layers: [int]; seeds: [int]
     splits: {extract|calibrate|eval: {n, sha256, categories: {cat: n}}}
-    sae: {seed: {fvu, l0, dead_fraction, dense_fraction, fvu_content, fvu_response_start, ...,
+    sae: {seed: {fvu, l0, dead_fraction, dense_fraction, k, n_latents, steps, fvu_content, fvu_response_start, ...,
                  ce_recovered_<site>, kl_<site>, decision_fidelity_<site>: {rate, ci, n}}}
-         (held-out SAE quality, `analysis.pipeline.outputs.sae_quality_summary`; sites content, response_start)
+         (held-out SAE quality, `analysis.pipeline.outputs.sae_quality_summary`; sites content, response_start;
+          k, n_latents, steps: of the exported SAEs)
     probe: {accuracy: {value, ci, n}, macro_f1: {value, ci, n}}
     stability: {matched_cosine_mean, feature_jaccard: {cat: float}}
     geometry: {space: {silhouette, davies_bouldin, calinski_harabasz}}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from activations.harvest import harvest
+from activations.io import file_sha256
 from activations.positions import (
     CONTENT, PREFIX, RESPONSE_START, SUFFIX, UNKNOWN, encode_with_kinds, kind_names, position_kinds, template_affixes,
 )
@@ -98,6 +99,7 @@ def _as_schema_1(folder: Path) -> None:
             del f["position_kind"]
             f.attrs["schema_version"] = 1
         entry["bytes"] = path.stat().st_size
+        entry["sha256"] = file_sha256(path)
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
