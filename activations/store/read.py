@@ -158,6 +158,16 @@ class ActivationStore:
             parts.append(meta if mask is None else meta.select(mask))
         return RowMeta.concat(parts)
 
+    def row_ids(self, split: str | Sequence[str] | None = None, categories: Sequence[str] | None = None) -> np.ndarray:
+        """Sorted int64 global row ids (shards concatenated in manifest order) of the selected rows;
+        row i of `meta(split, categories)` is global row `row_ids(...)[i]` (`activations.store.raw`)."""
+        parts, first = [], 0
+        for index, mask in self._masks(split, categories):
+            rows = int(self._shards[index]["rows"])
+            parts.append(first + (np.arange(rows, dtype=np.int64) if mask is None else np.flatnonzero(mask).astype(np.int64)))
+            first += rows
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
     # ---- activations -------------------------------------------------------------------------
     def _dataset(self, f: h5py.File, layer: int, index: int) -> h5py.Dataset:
         key = layer_key(layer)
