@@ -1,7 +1,9 @@
 """L1-penalised logistic heads on features (residual activations or SAE latents).
 
 - `fit_l1_head`: multinomial head over PROBE_CLASSES (benign + 5 refusal categories), fitted on
-  extract rows with scikit-learn's saga solver and a pure L1 penalty.
+  extract rows with a pure L1 penalty: scikit-learn's saga (`solver="sklearn"`, the reference) or
+  batched FISTA in torch on any device (`solver="torch"`, `probes/l1_solver.py`: the same objective).
+  `fit_l1_heads` fits several C values at once.
 - `select_l1_head`: the same, with C chosen from a grid by macro-F1 on calibrate rows.
 - `fit_ovr_heads`: one binary L1 head per refusal category (category vs everything else).
 - `HeadResult`: coefficients in float64, `predict_proba`, save/load as safetensors + JSON.
@@ -190,23 +192,11 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, tol: fl
     return model.coef_.astype(np.float64), model.intercept_.astype(np.float64), converged
 
 
-def fit_l1_head(
-    rows: LabelledRows,
-    C: float = 1.0,
-    *,
-    classes: Sequence[str] = PROBE_CLASSES,
-    contrast_as: str = "benign",
-    standardize: bool = True,
-    max_iter: int = 2000,
-    tol: float = 1e-4,
-    seed: int = 0,
-    meta: dict[str, Any] | None = None,
-) -> HeadResult:
-    """Fit a multinomial L1 head on extract rows (features (n, d)) over `classes` (class 0 benign).
+SOLVERS = ("sklearn", "torch")
 
-    Contrast rows count as benign unless `contrast_as="drop"`. Every class needs at least one row.
-    """
-    _require_l1_sklearn()
+
+def _prepare(rows: LabelledRows, classes: Sequence[str], contrast_as: str, standardize: bool) -> tuple[Any, ...]:
+    """(x float64 (n, d), targets (n,), class counts, sparse, mean, scale) of extract rows for a head."""
     require_split(rows.splits, "extract", "L1 head")
     y, keep = probe_targets(rows.categories, classes, contrast_as)
     counts = np.bincount(y, minlength=len(classes))
@@ -218,16 +208,97 @@ def fit_l1_head(
     # the same L1 problem up to the intercept, at a cost proportional to the non-zeros.
     sparse = bool(np.count_nonzero(x) < SPARSE_DENSITY * x.size)
     mean, scale = _scaler(x, standardize, center=not sparse)
-    coef, intercept, converged = _fit_logistic(_design_matrix(x, mean, scale, sparse), y, C, max_iter, tol, seed)
-    if coef.shape[0] == 1:  # two classes: sklearn returns the positive-class row only
+    return x, y, counts, sparse, mean, scale
+
+
+def _torch_fits(designs: list[np.ndarray], targets: list[np.ndarray], Cs: Sequence[float], n_classes: int,
+                max_iter: int, tol: float, device: str | None) -> Any:
+    """One batched torch fit: problem i has design `designs[i]` (or all share `designs[0]`)."""
+    import torch
+
+    from probes.l1_solver import fit_l1_logistic
+
+    for C in Cs:
+        if not (C > 0 and np.isfinite(C)):
+            raise ValueError(f"C must be a positive finite number, got {C}")
+    dev = torch.device(device or "cpu")
+    x = torch.from_numpy(np.stack(designs) if len(designs) > 1 else designs[0]).to(dev, torch.float32)
+    y = torch.from_numpy(np.stack(targets)).to(dev)
+    return fit_l1_logistic(x, y, torch.tensor([float(c) for c in Cs]), n_classes, binary=n_classes == 2,
+                           max_iter=max_iter, tol=tol)
+
+
+def _as_head(coef: np.ndarray, intercept: np.ndarray, C: float, mean: np.ndarray, scale: np.ndarray,
+             info: dict[str, Any], classes: Sequence[str]) -> HeadResult:
+    if coef.shape[0] == 1:  # two classes: one row for the positive class
         coef = np.vstack([np.zeros_like(coef), coef])
         intercept = np.array([0.0, intercept[0]])
+    return HeadResult(coef, intercept, tuple(classes), float(C), mean, scale, info)
+
+
+def fit_l1_heads(
+    rows: LabelledRows,
+    Cs: Sequence[float],
+    *,
+    classes: Sequence[str] = PROBE_CLASSES,
+    contrast_as: str = "benign",
+    standardize: bool = True,
+    max_iter: int = 2000,
+    tol: float = 1e-4,
+    seed: int = 0,
+    meta: dict[str, Any] | None = None,
+    solver: str = "sklearn",
+    device: str | None = None,
+) -> list[HeadResult]:
+    """One L1 head per C in `Cs` on the same extract rows (see `fit_l1_head`); the torch solver fits
+    them together. `max_iter`, `tol`: saga epochs and its coefficient-change tolerance, or FISTA
+    iterations and its gradient-mapping tolerance (`probes/l1_solver.py`)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
+    if solver == "sklearn":
+        _require_l1_sklearn()
+    x, y, counts, sparse, mean, scale = _prepare(rows, classes, contrast_as, standardize)
+    design = _design_matrix(x, mean, scale, sparse)
     info = {
         "kind": "multinomial" if len(classes) > 2 else "binary", "contrast_as": contrast_as,
-        "standardize": standardize, "centered": not sparse, "sparse_fit": sparse, "converged": converged, "class_counts": counts.tolist(),
-        "splits": rows.provenance(), **(meta or {}),
+        "standardize": standardize, "centered": not sparse, "sparse_fit": sparse, "class_counts": counts.tolist(),
+        "solver": solver, "splits": rows.provenance(), **(meta or {}),
     }
-    return HeadResult(coef, intercept, tuple(classes), float(C), mean, scale, info)
+    if solver == "torch":
+        dense = design.toarray() if sparse else design
+        fit = _torch_fits([dense], [y] * len(Cs), Cs, len(classes), max_iter, tol, device)
+        return [_as_head(fit.coef[i], fit.intercept[i], C, mean, scale, {**info, "converged": bool(fit.converged[i])},
+                         classes) for i, C in enumerate(Cs)]
+    heads = []
+    for C in Cs:
+        coef, intercept, converged = _fit_logistic(design, y, C, max_iter, tol, seed)
+        heads.append(_as_head(coef, intercept, C, mean, scale, {**info, "converged": converged}, classes))
+    return heads
+
+
+def fit_l1_head(rows: LabelledRows, C: float = 1.0, **kwargs: Any) -> HeadResult:
+    """Fit a multinomial L1 head on extract rows (features (n, d)) over `classes` (class 0 benign).
+
+    Keywords as `fit_l1_heads` (classes, contrast_as, standardize, max_iter, tol, seed, meta,
+    solver, device). Contrast rows count as benign unless `contrast_as="drop"`. Every class needs at
+    least one row.
+    """
+    return fit_l1_heads(rows, [C], **kwargs)[0]
+
+
+def fit_resampled_heads(resamples: list[LabelledRows], C: float, *, classes: Sequence[str] = PROBE_CLASSES,
+                        contrast_as: str = "benign", standardize: bool = True, max_iter: int = 2000,
+                        tol: float = 1e-4, device: str | None = None, **_: Any) -> list[HeadResult]:
+    """Torch solver: one head per resample of extract rows (each standardised on its own rows), all
+    solved together (stability selection). The resamples must have the same number of rows."""
+    prepared = [_prepare(r, classes, contrast_as, standardize) for r in resamples]
+    designs = []
+    for x, _, _, sparse, mean, scale in prepared:
+        design = _design_matrix(x, mean, scale, sparse)
+        designs.append(design.toarray() if sparse else design)
+    fit = _torch_fits(designs, [p[1] for p in prepared], [C] * len(resamples), len(classes), max_iter, tol, device)
+    return [_as_head(fit.coef[i], fit.intercept[i], C, p[4], p[5], {"converged": bool(fit.converged[i])}, classes)
+            for i, p in enumerate(prepared)]
 
 
 def _score_on(head: HeadResult, rows: LabelledRows, contrast_as: str) -> float:
@@ -253,10 +324,9 @@ def select_l1_head(
     contrast_as = fit_kwargs.get("contrast_as", "benign")
     best: HeadResult | None = None
     scores: list[dict[str, float]] = []
-    for C in sorted(float(c) for c in c_grid):
-        head = fit_l1_head(extract, C, **fit_kwargs)
+    for head in fit_l1_heads(extract, sorted(float(c) for c in c_grid), **fit_kwargs):
         score = _score_on(head, calibrate, contrast_as)
-        scores.append({"C": C, "calibrate_macro_f1": score})
+        scores.append({"C": head.C, "calibrate_macro_f1": score})
         if best is None or score > best.meta["calibrate_macro_f1"]:
             best = head
             best.meta["calibrate_macro_f1"] = score

@@ -29,31 +29,68 @@ from activations.store.format import (
 )
 
 
-def write_shard_file(path: Path, columns: Mapping[str, np.ndarray], layers: list[int], dtype: str) -> None:
+IOV_BATCH = 512
+"""Row blocks handed to one `os.pwritev` call (below the kernel's IOV_MAX of 1024)."""
+
+
+def _pwrite_all(fd: int, blocks: list[np.ndarray], offset: int) -> None:
+    """Write `blocks` back to back at `offset` (positional writes: the GIL is released)."""
+    for start in range(0, len(blocks), IOV_BATCH):
+        views = [memoryview(np.ascontiguousarray(b)).cast("B") for b in blocks[start : start + IOV_BATCH]]
+        total = sum(len(v) for v in views)
+        done = os.pwritev(fd, views, offset)
+        while done < total:  # a short write: finish the rest block by block
+            flat = b"".join(bytes(v) for v in views)[done:]
+            done += os.pwrite(fd, flat, offset + done)
+        offset += total
+
+
+def write_shard_file(path: Path, columns: Mapping[str, Any], layers: list[int], dtype: str) -> None:
     """Write one shard: `layer_<l>` (n, d_model) in the storage representation plus the row metadata.
 
-    Datasets are contiguous and uncompressed (fastest to read; see docs/shards.md). The file is
-    fsynced before returning.
+    `columns[layer_<l>]` is an `(n, d_model)` array or a list of row blocks (one per prompt, never
+    concatenated). Datasets are contiguous and uncompressed (fastest to read; see docs/shards.md):
+    h5py lays the file out (the layer datasets allocated, not filled) and writes the metadata, then
+    the activation bytes go straight to their offsets with `os.pwritev`, which releases the GIL, so a
+    harvest's forward passes keep running meanwhile. The file is fsynced before returning.
     """
     strings = h5py.string_dtype(encoding="utf-8")
+    blocks = {}
+    for layer in layers:
+        value = columns[layer_key(layer)]
+        blocks[layer] = [np.asarray(b) for b in value] if isinstance(value, list) else [np.asarray(value)]
+    offsets: dict[int, int] = {}
     with h5py.File(path, "w") as f:
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["dtype"] = dtype
         for layer in layers:
-            ds = f.create_dataset(layer_key(layer), data=columns[layer_key(layer)])
+            parts = blocks[layer]
+            shape = (sum(len(b) for b in parts), parts[0].shape[1])
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            dsid = h5py.h5d.create(f.id, layer_key(layer).encode(), h5py.h5t.py_create(parts[0].dtype),
+                                   h5py.h5s.create_simple(shape), dcpl=dcpl)
+            ds = h5py.Dataset(dsid)
             if dtype == "bfloat16":
                 ds.attrs[BF16_ATTR] = BF16_ENCODING
+            offsets[layer] = int(dsid.get_offset())
         for name in ("prompt_id", "category", "split"):
             f.create_dataset(name, data=columns[name].astype(object), dtype=strings)
         f.create_dataset("position", data=columns["position"].astype(np.int32))
         f.create_dataset("token_id", data=columns["token_id"].astype(np.int32))
     with open(path, "rb+") as handle:
+        for layer in layers:
+            _pwrite_all(handle.fileno(), blocks[layer], offsets[layer])
         os.fsync(handle.fileno())
 
 
-def concat_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-prompt column dicts → one column dict (row order kept)."""
-    return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
+def concat_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Per-prompt column dicts → one column dict (row order kept); the activation columns stay
+    lists of per-prompt blocks (`write_shard_file` writes them without concatenating)."""
+    return {name: [row[name] for row in rows] if name.startswith("layer_") else np.concatenate([row[name] for row in rows])
+            for name in rows[0]}
 
 
 @dataclass
