@@ -10,6 +10,7 @@ the eval accuracy of both multinomial heads with their Wilson 95% CIs (each insi
     python bench/select_stage.py --run RUN -c configs/quickstart.yaml      # a finished pipeline run (quickstart)
     python bench/select_stage.py --synthetic 8b --device cuda              # Llama-3-8B shape: d 4096, 65,536 latents, 740 prompts
     python bench/select_stage.py --synthetic tiny                          # seconds on the CPU
+    python bench/select_stage.py --synthetic 8b --solvers sklearn --reference torch.json  # add a run made apart
 """
 from __future__ import annotations
 
@@ -110,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--solvers", nargs="+", default=["torch", "sklearn"], choices=["torch", "sklearn"])
     parser.add_argument("--space", choices=("sae", "residual", "both"), default="both")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--json", type=Path, help="also write the results (times and reports) here")
+    parser.add_argument("--reference", type=Path,
+                        help="a --json of an earlier run on the same data: its solvers' results join this run's")
     args = parser.parse_args(argv)
     cfg = Config()
     if args.config:
@@ -147,14 +150,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{space:<8} {solver:<7} {seconds:8.2f} s", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps({"label": label, "results": [[k[0], k[1], v[0], v[1]] for k, v in results.items()]},
+                                        default=_jsonable))
+    if args.reference:
+        for space, solver, seconds, report in json.loads(args.reference.read_text())["results"]:
+            results.setdefault((space, solver), (seconds, report))
+    solvers = sorted({so for _, so in results})
     print(f"\n{label} | device {args.device} | C grid {cfg.C_grid} | bootstrap {cfg.n_bootstrap} | top_k {cfg.top_k}")
-    total = {s: sum(v[0] for (sp, so), v in results.items() if so == s) for s in args.solvers}
+    total = {s: sum(v[0] for (sp, so), v in results.items() if so == s) for s in solvers}
     print("stage time: " + ", ".join(f"{s} {t:.2f} s" for s, t in total.items())
           + (f" | sklearn / torch = {total['sklearn'] / total['torch']:.1f}x" if len(total) == 2 else ""))
     rows = []
-    if len(args.solvers) == 2:
+    if len(solvers) == 2:
         for space in spaces:
-            if (space, "torch") in results:
+            if (space, "torch") in results and (space, "sklearn") in results:
                 rows += agreement(results[(space, "sklearn")][1], results[(space, "torch")][1])
         print(f"\n{'run':<9} {'class':<14} {'n sk':>4} {'n to':>4} {'Jaccard':>7}  {'C sk':>5} {'C to':>5}  "
               f"{'acc sklearn [95% CI]':<24} {'acc torch [95% CI]':<24} in CI")
@@ -165,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{b['rate']:.3f} [{b['ci'][0]:.3f},{b['ci'][1]:.3f}]    {'yes' if r['acc_within_ci'] else 'no'}")
         print(f"min Jaccard {min(r['jaccard'] for r in rows):.2f} (goal >= 0.8); accuracies within each other's CI: "
               f"{all(r['acc_within_ci'] for r in rows)}")
-    if args.json:
-        args.json.write_text(json.dumps({"label": label, "times": total, "agreement": rows}, indent=1, default=float))
     return 0
+
+
+def _jsonable(value):
+    """numpy scalars and arrays in the reports → plain JSON."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ class ShardDataModule(pl.LightningDataModule):
         self._device_y: torch.Tensor | None = None
         self._plan: tuple[tuple[int, int, int, int], WindowPlan, torch.Tensor] | None = None
         self._stream: WindowStream | None = None
+        self._orders: dict[int, RowOrder] = {}
 
     # ---- description --------------------------------------------------------------------------
     def _open(self) -> ActivationStore:
@@ -104,8 +105,8 @@ class ShardDataModule(pl.LightningDataModule):
     def training_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """`(rows (n,) sorted int64 global row ids, labels (n,) int64 class ids)` of the training rows."""
         store = self._open()
-        meta = store.meta(self.split, self.categories)
-        return store.row_ids(self.split, self.categories), labels_from_categories(meta.category)
+        categories = store.column("category", self.split, self.categories)
+        return store.row_ids(self.split, self.categories), labels_from_categories(categories)
 
     def setup(self, stage: str | None = None) -> None:
         """Select the training rows (error if none) and choose the mode; the rows are read later,
@@ -136,8 +137,10 @@ class ShardDataModule(pl.LightningDataModule):
         """The row order of this data for `world` ranks of `batch_size` rows each."""
         self.setup()
         cfg = self.data_cfg
-        return RowOrder(self.n_rows, self.batch_size * world, cfg.lanes, cfg.chunk_rows,
-                        cfg.chunk_rows * cfg.window_chunks, cfg.data_seed)
+        if world not in self._orders:
+            self._orders[world] = RowOrder(self.n_rows, self.batch_size * world, cfg.lanes, cfg.chunk_rows,
+                                           cfg.chunk_rows * cfg.window_chunks, cfg.data_seed)
+        return self._orders[world]
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_StepTicker(), batch_size=None)
@@ -175,8 +178,10 @@ class ShardDataModule(pl.LightningDataModule):
         stream = self._stream
         if stream is None or stream.device != device or (stream.rank, stream.world) != (rank, world) or stream._next_step != step:
             self.close_stream()
-            stream = self._stream = WindowStream(
-                self.reader, self.rows, self._labels_on(device), self.order(world), rank, world, device,  # type: ignore[arg-type]
+            order = self.order(world)
+            order = RowOrder(order.n_rows, order.global_batch, order.lanes, order.chunk_rows, order.window_rows, order.seed)
+            stream = self._stream = WindowStream(  # its own RowOrder: the reader thread caches block orders
+                self.reader, self.rows, self._labels_on(device), order, rank, world, device,  # type: ignore[arg-type]
                 DEVICE_DTYPES[self.data_cfg.device_dtype], start_step=step, workers=self.data_cfg.num_workers,
                 where=self._where(),
             )

@@ -33,8 +33,13 @@ READ_PIECE_BYTES = 32 << 20
 
 
 def labels_from_categories(categories: np.ndarray) -> np.ndarray:
-    """Category strings → int64 class ids (index in CATEGORIES, -1 for anything else)."""
-    return np.fromiter((CATEGORY_IDS.get(str(c), -1) for c in categories), dtype=np.int64, count=len(categories))
+    """Category names (str, or bytes as `ActivationStore.column` gives them) → int64 class ids
+    (index in CATEGORIES, -1 for anything else); one vectorised comparison per known category."""
+    values = np.asarray(categories)
+    out = np.full(len(values), -1, dtype=np.int64)
+    for name, index in CATEGORY_IDS.items():
+        out[values == (name.encode() if values.dtype.kind == "S" else name)] = index
+    return out
 
 
 def read_rows(reader: LayerReader, ids: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor | None, where: str) -> None:

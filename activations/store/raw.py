@@ -47,13 +47,15 @@ def as_torch(raw: np.ndarray, dtype_name: str) -> torch.Tensor:
     return torch.from_numpy(raw)
 
 
+_EXPONENT = {"bfloat16": (np.uint16, 0x7F80), "float16": (np.uint16, 0x7C00), "float32": (np.uint32, 0x7F800000)}
+
+
 def nonfinite_rows(raw: np.ndarray, dtype_name: str) -> np.ndarray:
-    """Indices of the rows of a storage-dtype array `(n, d)` holding NaN or inf (no float32 copy)."""
-    if dtype_name == "bfloat16":  # exponent bits all ones
-        bad = ((raw.view(np.uint16) & np.uint16(0x7F80)) == np.uint16(0x7F80)).any(axis=1)
-    else:
-        bad = ~np.isfinite(raw).all(axis=1)
-    return np.flatnonzero(bad)
+    """Indices of the rows of a storage-dtype array `(n, d)` holding NaN or inf: the exponent bits
+    all ones, tested on the integer bits (no float conversion, a few GB/s per thread)."""
+    itype, mask = _EXPONENT[dtype_name]
+    bits = raw.view(itype)
+    return np.flatnonzero(((bits & itype(mask)) == itype(mask)).any(axis=1))
 
 
 class LayerReader:
