@@ -151,6 +151,38 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
     }
 
 
+def breakdown(model, tokenizer, records, layer: int, args: argparse.Namespace, scratch: Path) -> dict:
+    """Harvest seconds at `layer` with parts of the work removed: where the time over the truncated
+    forward goes (the device→host copies and hand-off; the shard writes; fsync + checksums)."""
+    import activations.harvest as harvest_module
+    import activations.store.commit as commit_module
+
+    device = ModelAdapter(model).device
+
+    def run(tag: str) -> float:
+        def once() -> None:
+            out = scratch / f"breakdown-{tag}"
+            shutil.rmtree(out, ignore_errors=True)
+            harvest(model, tokenizer, records, [layer], out, positions=args.positions, batch_size=args.batch_size,
+                    max_length=args.max_length, dtype=args.dtype, progress=False)
+        return median_time(once, device, args.repeats)
+
+    times = {"full": run("full")}
+    fsync, sha = commit_module.os.fsync, commit_module.file_sha256
+    commit_module.os.fsync, commit_module.file_sha256 = (lambda fd: None), (lambda path: "0" * 64)
+    try:
+        times["no fsync/sha256"] = run("nodur")
+    finally:
+        commit_module.os.fsync, commit_module.file_sha256 = fsync, sha
+    store_batch = harvest_module._store_batch
+    harvest_module._store_batch = lambda *a, **k: None
+    try:
+        times["no store"] = run("nostore")
+    finally:
+        harvest_module._store_batch = store_batch
+    return times
+
+
 def profile_harvest(model, tokenizer, records, args: argparse.Namespace, scratch: Path) -> None:
     """cProfile one warm harvest at the first layer; print the 25 costliest calls (cumulative)."""
     import cProfile
@@ -200,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the embedded one)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--profile", action="store_true", help="first print a cProfile of one harvest")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the first layer's harvest without fsync/sha256 and without the store")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, a few prompts, 2 repeats")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -215,10 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile_harvest(model, tokenizer, records, args, scratch)
         rows = [bench_layer(model, tokenizer, records, layer, args, scratch) for layer in args.layers]
+        parts = breakdown(model, tokenizer, records, args.layers[0], args, scratch) if args.breakdown else None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print_table(label, name, args, rows)
+    if parts:
+        trunc = rows[0]["trunc_s"]
+        print(f"layer {args.layers[0]} breakdown (s): truncated forward {trunc:.3f} | "
+              + " | ".join(f"{k} {v:.3f} ({trunc / v:.2f} of trunc speed)" for k, v in parts.items()))
     if args.json:
         meta = {"model": label, "device": name, "positions": args.positions, "dtype": args.dtype,
                 "batch_size": args.batch_size, "repeats": args.repeats}

@@ -102,6 +102,23 @@ def timed_selection(store, layer, saes, out: Path, cfg: Config, device: str) -> 
     return time.perf_counter() - start, report
 
 
+def _data(args: argparse.Namespace, scratch: Path) -> tuple:
+    """(store, layer, {seed: SAE}, label) of a finished run or of synthetic data."""
+    from activations.store import ActivationStore
+
+    if args.run:
+        from sae.export import load_sae_run
+
+        layer = json.loads((args.run / "train" / "metrics.json").read_text())["layer"]
+        store = ActivationStore(args.run / "harvest" / "last")
+        saes = load_sae_run(args.run / "train", layer, store.d_model, args.seeds, args.device)
+        return store, layer, saes, f"run {args.run} (layer {layer}, d {store.d_model}, {len(store.meta())} prompts)"
+    shape = SHAPES[args.synthetic or "tiny"]
+    store = ActivationStore(synthetic_store(scratch / "store", shape["d"], shape["prompts"]))
+    saes = synthetic_saes(store.directory, shape["d"], shape["d_sae"], shape["k"], args.seeds, args.device)
+    return store, 0, saes, f"synthetic {args.synthetic}: d {shape['d']}, {shape['d_sae']} latents, {shape['prompts']} prompts"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, help="a finished pipeline run folder (harvest/last, train/)")
@@ -109,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic", choices=sorted(SHAPES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--solvers", nargs="+", default=["torch", "sklearn"], choices=["torch", "sklearn"])
+    parser.add_argument("--solvers", nargs="*", default=["torch", "sklearn"], choices=["torch", "sklearn"])
     parser.add_argument("--space", choices=("sae", "residual", "both"), default="both")
     parser.add_argument("--json", type=Path, help="also write the results (times and reports) here")
-    parser.add_argument("--reference", type=Path,
+    parser.add_argument("--reference", type=Path, action="append", default=[],
                         help="a --json of an earlier run on the same data: its solvers' results join this run's")
     args = parser.parse_args(argv)
     cfg = Config()
@@ -121,25 +138,12 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = Config(**(yaml.safe_load(args.config.read_text()).get("select") or {}))
     scratch = Path(tempfile.mkdtemp(prefix="bench-select-"))
+    results: dict = {}
+    spaces = {"sae": None, "residual": None}
+    label = "(results of --reference runs)"
     try:
-        if args.run:
-            from activations.store import ActivationStore
-            from sae.export import load_sae_run
-
-            layer = json.loads((args.run / "train" / "metrics.json").read_text())["layer"]
-            store = ActivationStore(args.run / "harvest" / "last")
-            saes = load_sae_run(args.run / "train", layer, store.d_model, args.seeds, args.device)
-            label = f"run {args.run} (layer {layer}, d {store.d_model}, {len(store.meta())} prompts)"
-        else:
-            shape = SHAPES[args.synthetic or "tiny"]
-            from activations.store import ActivationStore
-
-            store = ActivationStore(synthetic_store(scratch / "store", shape["d"], shape["prompts"]))
-            layer = 0
-            saes = synthetic_saes(store.directory, shape["d"], shape["d_sae"], shape["k"], args.seeds, args.device)
-            label = f"synthetic {args.synthetic}: d {shape['d']}, {shape['d_sae']} latents, {shape['prompts']} prompts"
-        spaces = {"sae": saes, "residual": None}
-        results = {}
+        if args.solvers:
+            store, layer, spaces["sae"], label = _data(args, scratch)
         for space, space_saes in spaces.items():
             if args.space not in (space, "both"):
                 continue
@@ -153,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"label": label, "results": [[k[0], k[1], v[0], v[1]] for k, v in results.items()]},
                                         default=_jsonable))
-    if args.reference:
-        for space, solver, seconds, report in json.loads(args.reference.read_text())["results"]:
+    for reference in args.reference:
+        earlier = json.loads(reference.read_text())
+        label = earlier["label"] if label.startswith("(") else label
+        for space, solver, seconds, report in earlier["results"]:
             results.setdefault((space, solver), (seconds, report))
     solvers = sorted({so for _, so in results})
     print(f"\n{label} | device {args.device} | C grid {cfg.C_grid} | bootstrap {cfg.n_bootstrap} | top_k {cfg.top_k}")

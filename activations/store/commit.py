@@ -29,6 +29,9 @@ from activations.store.format import (
 )
 
 
+STRING_SLICE = 1024
+"""Rows of a string column per h5py write (each holds the GIL; a harvest's forward loop needs it)."""
+
 IOV_BATCH = 512
 """Row blocks handed to one `os.pwritev` call (below the kernel's IOV_MAX of 1024)."""
 
@@ -76,8 +79,11 @@ def write_shard_file(path: Path, columns: Mapping[str, Any], layers: list[int], 
             if dtype == "bfloat16":
                 ds.attrs[BF16_ATTR] = BF16_ENCODING
             offsets[layer] = int(dsid.get_offset())
-        for name in ("prompt_id", "category", "split"):
-            f.create_dataset(name, data=columns[name].astype(object), dtype=strings)
+        for name in ("prompt_id", "category", "split"):  # in slices: the GIL is released between them
+            values = columns[name].astype(object)
+            ds = f.create_dataset(name, shape=(len(values),), dtype=strings)
+            for start in range(0, len(values), STRING_SLICE):
+                ds[start : start + STRING_SLICE] = values[start : start + STRING_SLICE]
         f.create_dataset("position", data=columns["position"].astype(np.int32))
         f.create_dataset("token_id", data=columns["token_id"].astype(np.int32))
     with open(path, "rb+") as handle:
