@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-steps", type=int, default=120)
     parser.add_argument("--short-steps", type=int, default=40)
     parser.add_argument("--store", type=Path)
-    parser.add_argument("--parts", nargs="+", default=["a", "b"], choices=["a", "b"])
+    parser.add_argument("--parts", nargs="+", default=["speed", "equal", "seeds"], choices=["speed", "equal", "seeds"],
+                        help="speed: (a) act/s; equal: (a) short runs' weights (bf16 and float32); seeds: (b)")
     parser.add_argument("--run-timeout", type=int, default=420)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--logs", type=Path, help="keep each run's output here")
@@ -104,15 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     two = ["--devices", "2", "--strategy", "ddp"]
     r: dict[str, dict] = {}
     try:
-        if "a" in args.parts:
+        if "speed" in args.parts:
             for mode, flag in (("mem", []), ("stream", ["--streaming"])):
                 r[f"one-{mode}"] = run(f"one-{mode}", args, scratch, ["--batch", b, *steps, "--steps", str(args.steps), *flag])
                 r[f"ddp-{mode}"] = run(f"ddp-{mode}", args, scratch, [*two, "--batch", b, *steps, "--steps", str(args.steps), *flag])
+        if "equal" in args.parts:
             short = ["--streaming", "--warmup", "1", "--steps", str(args.short_steps - 1)]
-            r["one-short"] = run("one-short", args, scratch, ["--batch", str(2 * args.batch), *short])
-            r["one-short-again"] = run("one-short-again", args, scratch, ["--batch", str(2 * args.batch), *short])
-            r["ddp-short"] = run("ddp-short", args, scratch, [*two, "--batch", b, *short])
-        if "b" in args.parts:
+            for tag, precision in (("", "bf16-mixed"), ("-fp32", "32-true")):
+                p = ["--precision", precision]
+                r[f"one-short{tag}"] = run(f"one-short{tag}", args, scratch, ["--batch", str(2 * args.batch), *short, *p])
+                r[f"ddp-short{tag}"] = run(f"ddp-short{tag}", args, scratch, [*two, "--batch", b, *short, *p])
+        if "seeds" in args.parts:
             for n in (2, 4):
                 seeds = ["--seeds", *map(str, range(n))]
                 seed_steps = [*steps, "--steps", str(args.seed_steps)]
@@ -143,12 +146,12 @@ def report(r: dict[str, dict], args: argparse.Namespace) -> None:
                 print(f"{'in memory' if mode == 'mem' else 'streaming':<10} {o['act_per_s']:>11.3g} {d['act_per_s']:>11.3g} "
                       f"{d['act_per_s'] / o['act_per_s']:>7.2f}x {o['ms_per_step']:>8.2f} {d['ms_per_step']:>8.2f} "
                       f"{starts:>20} {util:>12}")
-        if {"one-short", "one-short-again", "ddp-short"} <= set(ok):
-            same = weight_diff(ok["ddp-short"]["out"], ok["one-short"]["out"], [0])
-            noise = weight_diff(ok["one-short-again"]["out"], ok["one-short"]["out"], [0])
-            table["ddp_weight_diff"], table["repeat_weight_diff"] = same, noise
-            print(f"weights after {args.short_steps} steps, DDP 2 x {args.batch} vs 1 GPU x {2 * args.batch}: "
-                  f"max relative difference {same:.2e} (1 GPU vs its own repeat: {noise:.2e})")
+    for tag, precision in (("", "bf16 autocast"), ("-fp32", "float32")):
+        if {f"one-short{tag}", f"ddp-short{tag}"} <= set(ok):
+            same = weight_diff(ok[f"ddp-short{tag}"]["out"], ok[f"one-short{tag}"]["out"], [0])
+            table[f"ddp_weight_diff{tag}"] = same
+            print(f"weights after {args.short_steps} steps ({precision}), DDP 2 x {args.batch} vs 1 GPU x "
+                  f"{2 * args.batch}: max relative difference {same:.2e}")
     if "one-2seeds" in ok:
         print(f"\n(b) seed_parallel (in memory)\n{'seeds':<6} {'1 GPU ms':>8} {'2 GPU ms':>8} {'speed-up':>8} "
               f"{'max rel. diff of exports':>24} {'start-up s (ranks)':>20} {'SM % (GPUs)':>12}")

@@ -152,11 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                                                   replace(cfg, solver=solver), args.device)
                 results[(space, solver)] = (seconds, report)
                 print(f"{space:<8} {solver:<7} {seconds:8.2f} s", flush=True)
+                _save(args.json, label, results)  # after every part: a cut-off run keeps what it finished
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if args.json:
-        args.json.write_text(json.dumps({"label": label, "results": [[k[0], k[1], v[0], v[1]] for k, v in results.items()]},
-                                        default=_jsonable))
+    _save(args.json, label, results)
     for reference in args.reference:
         earlier = json.loads(reference.read_text())
         label = earlier["label"] if label.startswith("(") else label
@@ -182,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"min Jaccard {min(r['jaccard'] for r in rows):.2f} (goal >= 0.8); accuracies within each other's CI: "
               f"{all(r['acc_within_ci'] for r in rows)}")
     return 0
+
+
+def _save(path: Path | None, label: str, results: dict) -> None:
+    if path is not None:
+        rows = [[k[0], k[1], v[0], v[1]] for k, v in results.items()]
+        path.write_text(json.dumps({"label": label, "results": rows}, default=_jsonable))
 
 
 def _jsonable(value):

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--d-sae", type=int, default=65536)
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision on a GPU")
     parser.add_argument("--cpu", action="store_true", help="gloo ranks on the CPU (tests of this script)")
     args = parser.parse_args(argv)
     from activations.store import ActivationStore
@@ -49,11 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     sae = SAEConfig(d_in=d, d_sae=args.d_sae, k=args.k, auxk_coeff=1 / 32, normalize_input=True)
     cfg = TrainConfig(seeds=args.seeds, steps=args.warmup + args.steps, sae=sae, optim=OptimConfig(lr_warmup_steps=10),
                       data=DataConfig(batch_size=args.batch, in_memory=not args.streaming, memory_budget_gb=1e6,
-                                      device_dtype="bfloat16" if gpu else "float32", metrics_rows=4096, init_rows=8192,
+                                      device_dtype="bfloat16" if gpu and args.precision != "32-true" else "float32",
+                                      metrics_rows=4096, init_rows=8192,
                                       num_workers=8),
                       ckpt_every=10**9, log_every_n_steps=50)
     trainer = {"accelerator": "gpu" if gpu else "cpu", "devices": args.devices, "strategy": args.strategy,
-               "precision": "bf16-mixed" if gpu else "32-true"}
+               "precision": args.precision if gpu else "32-true"}
     seed_parallel = args.strategy.startswith("seed_parallel")
     rows_per_step = args.batch * (1 if seed_parallel else args.devices)
     result = timed_train(args.store, 0, args.out, cfg, trainer, args.warmup, args.steps, rows_per_step,

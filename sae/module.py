@@ -33,6 +33,13 @@ from sae.step import ddp_variance, fused_supported, make_optimizer, seed_step_lo
 from sae.tracking import LatentTracker, density_histogram, density_summary, l0_norm
 
 
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum of `tensor` over all ranks (a new tensor; no host sync)."""
+    out = tensor.clone()
+    torch.distributed.all_reduce(out)
+    return out
+
+
 class SAELightningModule(pl.LightningModule):
     """Trains `len(seeds)` SAEs of the same configuration in one process.
 
@@ -178,9 +185,11 @@ class SAELightningModule(pl.LightningModule):
 
     # ---- the step -----------------------------------------------------------------------------
     def _all_reduce(self) -> Any:
+        """Sum over data-parallel ranks, queued on the stream (Lightning's `strategy.reduce` adds a
+        barrier, a host sync, before every reduction); None on one rank."""
         if self._trainer is None or self.trainer.world_size == 1 or self.seed_parallel:
             return None
-        return lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")
+        return all_reduce_sum
 
     def _is_log_step(self, step: int) -> bool:
         if self._trainer is None or not self.trainer.loggers:
