@@ -235,8 +235,12 @@ class SAELightningModule(pl.LightningModule):
         return {f"seed{self.seeds[i]}/{name}": value for i, values in per_seed.items() for name, value in zip(names, values)}
 
     def _log_densities(self, step: int) -> None:
-        """Firing-density summaries (CSV) and histograms (wandb, when used) since the last log step."""
-        self.sync_seed_states()
+        """Firing-density summaries (CSV) and histograms (wandb, when used) since the last log step.
+
+        Seed-parallel: only the trackers are copied from their owners here (kilobytes); the weights
+        (gigabytes at 65,536 latents) only at checkpoints and the export."""
+        if self.seed_parallel and self.trainer.world_size > 1:
+            sync_seed_states(list(self.trackers), self.trainer.world_size)
         for seed, tracker in zip(self.seeds, self.trackers):
             density = tracker.pop_density()
             self.log_dict({f"seed{seed}/{k}": v for k, v in density_summary(density).items()}, on_step=True, on_epoch=False)
