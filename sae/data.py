@@ -176,7 +176,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     def _stream_batch(self, step: int, device: torch.device, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
         stream = self._stream
-        if stream is None or stream.device != device or (stream.rank, stream.world) != (rank, world) or stream._next_step != step:
+        if stream is None or stream.device != device or (stream.rank, stream.world) != (rank, world) or stream.next_step != step:
             self.close_stream()
             order = self.order(world)
             order = RowOrder(order.n_rows, order.global_batch, order.lanes, order.chunk_rows, order.window_rows, order.seed)

@@ -187,6 +187,11 @@ class WindowStream:
         self._window = staged
         self._current = key
 
+    @property
+    def next_step(self) -> int:
+        """The step `batch` expects next."""
+        return self._next_step
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows and labels of global step `step` for this rank (steps must come in order)."""
         if step != self._next_step:
