@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from activations.records import BENIGN, PROBE_CLASSES
-from analysis.stages.select import Config
+from analysis.stages.select import Config, resolve_solver
 from probes.heads import fit_l1_heads, fit_ovr_heads, select_l1_head
 from probes.l1_solver import fit_l1_logistic
 from probes.selection import stability_selection
@@ -60,4 +60,6 @@ def test_solver_batches_problems_with_their_own_designs_and_checks_inputs() -> N
         fit_l1_heads(make_rows("extract", n_per_class=5), [0.0], solver="torch")
     with pytest.raises(ValueError, match="solver must be one of"):
         Config(solver="lbfgs")  # type: ignore[arg-type]
-    assert Config().solver == "torch" and BENIGN == PROBE_CLASSES[0]
+    assert Config().solver == "auto" and BENIGN == PROBE_CLASSES[0]
+    assert resolve_solver("auto", "cuda:1") == "torch" and resolve_solver("auto", "cpu") == "sklearn"
+    assert resolve_solver("torch", "cpu") == "torch"
