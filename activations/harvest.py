@@ -9,7 +9,6 @@ rerunning an interrupted harvest resumes it.
 """
 from __future__ import annotations
 
-import hashlib
 import queue
 import sys
 import threading
@@ -22,13 +21,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from activations.progress import progress_bar
 
 from activations.adapter import ModelAdapter
 from activations.harvest_batches import PromptBatch, prefetched_batches
 from activations.hooks import capture_residuals
+from activations.model_identity import model_identity, weights_fingerprint  # noqa: F401 (re-exported)
 from activations.model_loading import ModelOptions
-from activations.model_loading import model_info as describe_model
 from activations.prompts.hashing import records_sha256
 from activations.records import PromptRecord
 from activations.store.format import POSITION_MODES, STORAGE_DTYPES
@@ -64,25 +63,10 @@ class HarvestConfig:
             raise ValueError(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
 
 
-def weights_fingerprint(model: torch.nn.Module, sample: int = 256) -> str:
-    """Cheap identity of the weights: sha256 over each parameter's name, shape, dtype and first and
-    last `sample` values (so two random models of one config, or one model in two dtypes, differ)."""
-    digest = hashlib.sha256()
-    samples = []
-    for name, param in model.named_parameters():
-        flat = param.detach().reshape(-1)
-        samples.append(torch.cat([flat[:sample], flat[-sample:]]).float())
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
-    digest.update(torch.cat(samples).cpu().numpy().tobytes())  # one device→host copy
-    return digest.hexdigest()[:32]
-
-
-def default_model_info(model: torch.nn.Module) -> dict[str, Any]:
-    """Model identity for the manifest: id, family, revision, compute dtype and weights fingerprint."""
-    info = describe_model(model, str(getattr(model.config, "name_or_path", "") or "unknown"))
-    info["compute_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    info["weights_fingerprint"] = weights_fingerprint(model)
-    return info
+def default_model_info(model: torch.nn.Module, name: str | None = None) -> dict[str, Any]:
+    """Model identity for the manifest (`activations.model_identity.model_identity`): id, family,
+    revision, compute dtype and weights fingerprints; `name` defaults to the model's name_or_path."""
+    return model_identity(model, name or str(getattr(model.config, "name_or_path", "") or "unknown"))
 
 
 def prompt_info_from_records(records: Sequence[PromptRecord]) -> dict[str, dict[str, str]]:
@@ -235,7 +219,7 @@ def _run_batches(
     writer's own background threads). The forward loop never waits for the disk, a copy or a
     checksum unless the writer falls `DRAIN_AHEAD` batches behind."""
     on_cuda = adapter.device.type == "cuda"
-    bar = tqdm(total=n_prompts, unit="prompt", desc="harvest", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=n_prompts, unit="prompt", desc="harvest", disable=not progress)
     started, done = time.perf_counter(), {"prompts": 0, "tokens": 0}
     handoff: queue.Queue[Any] = queue.Queue(maxsize=DRAIN_AHEAD)
     failed: list[BaseException] = []

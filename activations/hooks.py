@@ -117,3 +117,64 @@ def capture_residuals(
         except StopForward:
             pass
     return captured
+
+
+class BlockOutputCache:
+    """Block `layer`'s outputs of batches seen once, so later forwards over the same batch skip
+    blocks 0..`layer` (the decision-only evaluations of many conditions at one layer).
+
+    The first, unmodified forward of a batch runs inside `recording(key)` and keeps the block's
+    output `(batch, seq, d_model)`; a later forward of the same inputs inside `resumed(key)` makes
+    blocks `0..layer-1` pass their input through and block `layer` return the recorded output, on
+    which the usual hooks of `layer` (steering, ablation) then act. The embedding, attention masks
+    and position embeddings are still computed by the model itself, so this is family-independent.
+    Valid only when every intervention acts at `layer` or later and the inputs are identical (the
+    key should identify them, e.g. the batch's prompt texts).
+    """
+
+    def __init__(self, adapter: ModelAdapter, layer: int) -> None:
+        adapter.check_layer(layer)
+        self.adapter, self.layer = adapter, layer
+        self._outputs: dict[Any, torch.Tensor] = {}
+        self._tail: int | None = None  # None: blocks return a tensor; n: a tuple of n + 1 items
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._outputs
+
+    @contextmanager
+    def recording(self, key: Any) -> Iterator[None]:
+        """Keep block `layer`'s output of the forward run inside this block under `key`."""
+
+        def keep(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+            self._tail = None if isinstance(output, torch.Tensor) else len(output) - 1
+            self._outputs[key] = _hidden_of(output).detach().clone()
+
+        handle = self.adapter.layer_module(self.layer).register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextmanager
+    def resumed(self, key: Any) -> Iterator[None]:
+        """Skip blocks `0..layer` for the forward of the inputs recorded under `key`."""
+        hidden = self._outputs[key]
+
+        def shaped(value: torch.Tensor) -> Any:
+            return value if self._tail is None else (value, *([None] * self._tail))
+
+        def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            return shaped(hidden_states)
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            return shaped(hidden.clone())
+
+        blocks = [self.adapter.layer_module(i) for i in range(self.layer + 1)]
+        for block in blocks[:-1]:
+            block.forward = passthrough  # type: ignore[method-assign]
+        blocks[-1].forward = recorded  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            for block in blocks:
+                del block.forward  # back to the class's forward

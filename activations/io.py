@@ -36,16 +36,39 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc where possible; else set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode `open()` would give a new file: 0o666 minus the umask (0644 under the usual 022)."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: int | None = None) -> Path:
-    """Run `write(tmp_path)` on a temporary name next to `path`, then move it into place."""
+    """Run `write(tmp_path)` on a temporary name next to `path`, then move it into place.
+
+    The file gets `mode`, by default the mode a plain `open()` gives (0666 minus the umask): the
+    temporary file `mkstemp` creates is private (0600), which colleagues on a shared file system
+    could not read.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, default_file_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

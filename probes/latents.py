@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from activations.progress import progress_bar
 
 from sae.model import SparseAutoencoder
 
@@ -18,7 +18,7 @@ def encode_latents(sae: SparseAutoencoder, x: np.ndarray, batch_size: int = 4096
     sae.eval()
     out = np.empty((x.shape[0], sae.d_sae), dtype=np.float32)
     try:
-        for start in tqdm(range(0, x.shape[0], batch_size), desc=desc, disable=None):
+        for start in progress_bar(range(0, x.shape[0], batch_size), desc=desc, unit="batch"):
             batch = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32))
             z = sae.encode(batch.to(sae.device))
             out[start:start + batch.shape[0]] = z.float().cpu().numpy()

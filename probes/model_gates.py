@@ -145,16 +145,19 @@ class ExternalClassifierGate:
 
     @staticmethod
     def _load(source: str, kind: str, device: str) -> tuple[torch.nn.Module, Any]:
-        from activations.model_loading import load_model, prepare_tokenizer, resolve_device, resolve_model_path
+        from activations.model_loading import (
+            hub_load_options, load_model, prepare_tokenizer, resolve_device, resolve_model_path,
+        )
 
         if kind == "causal-judge":
             return load_model(source, device=device)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = resolve_model_path(source)
+        options = hub_load_options(source, path)  # no network: fails at once with a hint, or reads the cache
         try:
-            tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-            model = AutoModelForSequenceClassification.from_pretrained(path)
+            tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path, **options))
+            model = AutoModelForSequenceClassification.from_pretrained(path, **options)
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot load sequence classifier {source!r}: {str(exc).splitlines()[0]}") from None
         if model.config.pad_token_id is None:

@@ -83,7 +83,7 @@ def final_norm_states(
     Returns `h (n, d_model)` float64 (the unembedding's input) and `ordinary_max (n,)` float64, the
     largest logit over vocabulary rows not in `exclude_ids` (before any logit soft-capping).
     """
-    from tqdm.auto import tqdm
+    from activations.progress import progress_bar
 
     adapter = ModelAdapter(model)
     base = getattr(model, model.base_model_prefix, model)
@@ -99,7 +99,8 @@ def final_norm_states(
     states, maxima = [], []
     handle = adapter.final_norm.register_forward_hook(keep_last)
     try:
-        for start in tqdm(range(0, len(texts), batch_size), desc="final-norm states", disable=not progress):
+        for start in progress_bar(range(0, len(texts), batch_size), desc="final-norm states", unit="batch",
+                                  disable=not progress):
             chunk = [texts[i] for i in order[start:start + batch_size]]
             batch = encode_prompts(tokenizer, chunk, chat_template, max_length, device=device)
             captured.clear()

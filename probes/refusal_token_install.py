@@ -15,7 +15,8 @@ prompt position as `W_c . h`, `install_refusal_tokens`
    with a class token). A bias of the unembedding, if the head has one, is set to 0 on those rows.
 
 `save_refusal_token_model` writes a plain transformers directory (safetensors + tokenizer) plus
-`refusal_tokens.json`, `fit_report.json` and `refusal_head.safetensors` (the fitted class weights
+`refusal_tokens.json`, `fit_report.json`, `refusal_sae_source.json` (the base model and its hub id)
+and `refusal_head.safetensors` (the fitted class weights
 before the offset, the offset direction and beta, float64), atomically (temporary folder + rename).
 """
 from __future__ import annotations
@@ -30,8 +31,9 @@ import numpy as np
 import torch
 
 from activations.adapter import ModelAdapter
+from activations.model_loading import write_model_source
 from probes.refusal_tokens import SPEC_FILE, RefusalTokenSpec
-from activations.io import load_numpy_tensors, save_numpy_tensors, to_jsonable, write_json
+from activations.io import current_umask, load_numpy_tensors, save_numpy_tensors, to_jsonable, write_json
 
 REPORT_FILE = "fit_report.json"
 HEAD_FILE = "refusal_head.safetensors"
@@ -124,11 +126,13 @@ def install_refusal_tokens(
 
 
 def _make_readable(directory: Path) -> None:
-    """Temporary folders and files are created private (0700 / 0600); give them the usual modes."""
-    os.chmod(directory, 0o755)
+    """Temporary folders and files are created private (0700 / 0600); give them the modes a plain
+    `mkdir` / `open` would (0777 / 0666 minus the umask)."""
+    mask = current_umask()
+    os.chmod(directory, 0o777 & ~mask)
     for path in directory.iterdir():
         if path.is_file():
-            os.chmod(path, 0o644)
+            os.chmod(path, 0o666 & ~mask)
 
 
 def save_refusal_token_model(
@@ -150,6 +154,7 @@ def save_refusal_token_model(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         spec.save(tmp)
+        write_model_source(tmp, str(getattr(model.config, "name_or_path", "") or ""))
         write_json(tmp / REPORT_FILE, to_jsonable(report.to_dict() if hasattr(report, "to_dict") else report))
         if getattr(report, "head", None):
             save_numpy_tensors(tmp / HEAD_FILE, {k: np.asarray(v, np.float64) for k, v in report.head.items()})

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from activations.records import PROBE_CLASSES
+from activations.hooks import BlockOutputCache
 from activations.tokenize import encode_prompts, position_ids_from_mask
 from activations.io import read_json, write_json
 
@@ -169,14 +170,20 @@ def first_token_logits(
     max_length: int | None = 512,
     make_context: Callable[[np.ndarray], ContextManager] | None = None,
     progress: bool = False,
+    cache: BlockOutputCache | None = None,
+    desc: str = "first-token logits",
 ) -> torch.Tensor:
     """Logits of the class tokens at the last prompt position, `(n, n_classes)` float32 on the CPU.
 
     Column j is class `spec.classes[j]`. Batches follow the given order (no re-sorting); for each batch
     `make_context(rows)` is entered around the forward, `rows` being the `(batch,)` int64 indices of
     the batch's texts, so a caller can install per-row steering or gating hooks.
+
+    With `cache` (`activations.hooks.BlockOutputCache`; only when `make_context` intervenes at the
+    cache's layer or later), a batch whose texts were seen before skips the blocks below that layer;
+    an unmodified forward (`make_context` None) records them. The logits are the same either way.
     """
-    from tqdm.auto import tqdm
+    from activations.progress import progress_bar
 
     if len(texts) == 0:
         raise ValueError("no prompts to score")
@@ -186,12 +193,19 @@ def first_token_logits(
     device = model_device(model)
     chunks = []
     starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="first-token logits", disable=not progress):
+    for start in progress_bar(starts, desc=desc, unit="batch", disable=not progress):
         rows = np.arange(start, min(len(texts), start + batch_size), dtype=np.int64)
         batch = encode_prompts(tokenizer, [texts[i] for i in rows], chat_template, max_length, device=device)
-        context = make_context(rows) if make_context is not None else contextlib.nullcontext()
-        with torch.no_grad(), context:
-            logits = last_position_logits(model, batch)
+        key = (chat_template, max_length, *(texts[i] for i in rows))
+        with contextlib.ExitStack() as stack:
+            if cache is not None and key in cache:
+                stack.enter_context(cache.resumed(key))
+            elif cache is not None and make_context is None:
+                stack.enter_context(cache.recording(key))
+            if make_context is not None:
+                stack.enter_context(make_context(rows))
+            with torch.no_grad():
+                logits = last_position_logits(model, batch)
         if max(ids) >= logits.shape[-1]:
             raise ValueError(f"refusal token id {max(ids)} is outside the model's {logits.shape[-1]} output rows")
         chunks.append(logits[:, ids].float().cpu())

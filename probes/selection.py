@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+from activations.progress import progress_bar
 
 from activations.io import read_json, write_json
+from activations.model_identity import check_same_model
 from activations.records import CATEGORIES, PROBE_CLASSES, REFUSAL_CATEGORIES
 from probes.heads import HeadResult, fit_l1_head, fit_resampled_heads
 from probes.rows import LabelledRows, require_split
@@ -142,7 +143,7 @@ def stability_selection(
     weight_sum = np.zeros((len(classes), d), dtype=np.float64)
     n_fits = len(matrices) * n_bootstrap
     batched = fit_kwargs.get("solver", "sklearn") == "torch"  # every resample of a matrix in one fit
-    with tqdm(total=n_fits, desc="stability selection", disable=None) as bar:
+    with progress_bar(total=n_fits, desc="stability selection", unit="fit") as bar:
         for m in matrices:
             draws = []  # (resample, saga seed), drawn in the same order for both solvers
             for _ in range(n_bootstrap):
@@ -200,12 +201,14 @@ def write_features_json(
 
 
 def read_features(path: str | Path, layer: int | None = None, sae_seed: int | None = None,
-                  d_sae: int | None = None, space: str | None = "sae", what: str = "features.json") -> dict[str, Any]:
+                  d_sae: int | None = None, space: str | None = "sae", what: str = "features.json",
+                  model: Mapping[str, Any] | None = None, against: str = "the model") -> dict[str, Any]:
     """A `features.json` (a folder means its `features.json`), checked against what the caller holds.
 
     Checks, when given: the feature space ("sae" latents or "residual" units), the layer, the SAE
-    seed it was selected on (latent ids of one seed mean nothing for another) and the width. Returns
-    the parsed file with `"path"` added. `what` names the file in the error when it is missing.
+    seed it was selected on (latent ids of one seed mean nothing for another), the width, and the
+    model (`model`: an identity record of `against`, `activations.model_identity`). Returns the
+    parsed file with `"path"` added. `what` names the file in the error when it is missing.
     """
     path = Path(path)
     if path.is_dir() or not path.suffix:
@@ -214,12 +217,13 @@ def read_features(path: str | Path, layer: int | None = None, sae_seed: int | No
     if not isinstance(data, dict):
         raise ValueError(f"{path} has no 'per_class' table; is it a features.json of `refusal-sae select`?")
     data = {**data, "path": str(path)}
-    check_features(data, layer, sae_seed, d_sae, space)
+    check_features(data, layer, sae_seed, d_sae, space, model, against)
     return data
 
 
 def check_features(data: Mapping[str, Any], layer: int | None = None, sae_seed: int | None = None,
-                   d_sae: int | None = None, space: str | None = "sae") -> None:
+                   d_sae: int | None = None, space: str | None = "sae", model: Mapping[str, Any] | None = None,
+                   against: str = "the model") -> None:
     """The checks of `read_features` on an already parsed features.json (see there)."""
     path = data.get("path", "features.json")
     if not isinstance(data.get("per_class"), dict):
@@ -235,6 +239,7 @@ def check_features(data: Mapping[str, Any], layer: int | None = None, sae_seed: 
     width = meta.get("n_features", meta.get("d_sae"))
     if d_sae is not None and width is not None and int(width) != d_sae:
         raise ValueError(f"{path} has {width} features, but the SAE has d_sae {d_sae}")
+    check_same_model(meta.get("model_identity"), str(path), model, against)
 
 
 def class_feature_ids(features: Mapping[str, Any], classes: Sequence[str]) -> dict[str, list[int]]:

@@ -7,7 +7,8 @@ immutable; arithmetic returns new vectors:
     a + b, a - b   same layer and d_model (and model, when both name one) required
     -a, 2 * a, a * 2, a / 2
 
-Steering adds `alpha * vector` to the output hidden state of block `layer`.
+Steering adds `alpha * vector` to the output hidden state of block `layer` (arithmetic keeps the
+subclass, e.g. `analysis.api.Vector`, whose `apply(model, alpha)` steers inside a `with` block).
 """
 from __future__ import annotations
 
@@ -97,14 +98,14 @@ class SteeringVector:
         cat_a, cat_b = self.meta.get("category", "?"), other.meta.get("category", "?")
         meta = {**shared, "category": shared.get("category", f"({cat_a}){op}({cat_b})"),
                 "method": f"combination({op})", "operands": [self.meta, other.meta]}
-        return SteeringVector(vec.float(), self.layer, meta)
+        return type(self)(vec.float(), self.layer, meta)
 
     def _scaled(self, factor: float) -> "SteeringVector":
         if not math.isfinite(float(factor)):
             raise ValueError(f"cannot scale a steering vector by {factor}")
         meta = dict(self.meta)
         meta["scale"] = float(meta.get("scale", 1.0)) * float(factor)
-        return SteeringVector((self.vector.double() * float(factor)).float(), self.layer, meta)
+        return type(self)((self.vector.double() * float(factor)).float(), self.layer, meta)
 
     def __add__(self, other: object) -> "SteeringVector":
         return self._combine(other, "+") if isinstance(other, SteeringVector) else NotImplemented

@@ -2,10 +2,11 @@
 
 Run layout written here (see docs/sae.md):
 
-    RUN/seed_<s>/{sae.safetensors, sae_weights.safetensors -> sae.safetensors, cfg.json, metrics.csv}
+    RUN/seed_<s>/{sae.safetensors, sae_weights.safetensors -> sae.safetensors, cfg.json, sparsity.safetensors,
+                  metrics.csv}    (sparsity: SAELens' log10 firing density on the metrics rows)
     RUN/metrics.json        per-seed final fvu, l0, dead_fraction (+ n and Wilson 95% CI), steps
     RUN/logs/version_<n>/metrics.csv   Lightning CSV logs (one version per (re)start)
-    RUN/ckpt/last.ckpt      Lightning checkpoint for resuming
+    RUN/ckpt/               checkpoints and the run identity (sae/checkpoints.py)
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import lightning.pytorch as pl
 import torch
 
 from activations.io import write_json, write_text_atomic
-from sae.export import save_sae
+from activations.progress import progress_bar
+from activations.model_loading import hub_id
+from sae.export import save_sae, save_sparsity
 from activations.stats import wilson_ci
 from sae.tracking import evaluate_sae
 
@@ -59,6 +62,48 @@ def format_table(per_seed: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+class TrainProgress(pl.Callback):
+    """One bar over the optimiser steps on stderr (`activations.progress`; a resumed run starts at its
+    step), showing the seeds' mean loss and FVU of the last logged step (read once per log interval)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.bar = progress_bar(total=trainer.max_steps, initial=trainer.global_step, desc="train", unit="step")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.bar is None:
+            return
+        step = int(trainer.global_step)
+        if step % max(1, trainer.log_every_n_steps) == 0:
+            postfix = mean_seed_metrics(trainer.callback_metrics, ("total", "fvu"))
+            if postfix:
+                self.bar.set_postfix({"loss" if k == "total" else k: f"{v:.4g}" for k, v in postfix.items()},
+                                     refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)
+
+
+def mean_seed_metrics(metrics: dict[str, Any], names: tuple[str, ...]) -> dict[str, float]:
+    """`{name: mean over seeds}` of logged `seed<s>/<name>` metrics (names without any are left out)."""
+    out = {}
+    for name in names:
+        values = [float(v) for k, v in metrics.items() if k.startswith("seed") and k.endswith(f"/{name}")]
+        if values:
+            out[name] = sum(values) / len(values)
+    return out
+
+
 class RunExport(pl.Callback):
     """At the end of `fit`: check ranks agree, score every seed, export, write metrics, print a table.
 
@@ -89,6 +134,7 @@ class RunExport(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.monitor.raise_if_bad()
+        pl_module.divergence.raise_if_bad(final=True)  # a diverged SAE is never exported
         pl_module.sync_seed_states()  # seed-parallel: owners' weights to every rank (no-op otherwise)
         self._check_ranks_agree(trainer, pl_module)
         if trainer.is_global_zero:
@@ -103,6 +149,8 @@ class RunExport(pl.Callback):
             logger.save()
         log_rows = merged_log_rows(self.out_dir / "logs")
         steps = int(trainer.global_step)
+        model_path = str(model_info.get("id", ""))
+        model_name = hub_id(model_path) or model_path  # SAELens tools load the model by this name
         for seed, sae, tracker in zip(module.seeds, module.saes, module.trackers):
             split, batches = datamodule.metrics_batches()
             scores = evaluate_sae(sae, batches)
@@ -112,18 +160,21 @@ class RunExport(pl.Callback):
                 "fvu": scores["fvu"], "l0": scores["l0"], "n_rows": scores["n_rows"], "metrics_split": split,
                 "dead_fraction": n_dead / sae.d_sae, "dead_fraction_ci": [lo, hi], "n_latents": sae.d_sae,
                 "never_fired_fraction": scores["never_fired_fraction"], "steps": steps,
+                "k": sae.cfg.k, "architecture": sae.cfg.architecture,
             }
             self.metrics[str(seed)] = record
             seed_dir = self.out_dir / f"seed_{seed}"
             save_sae(
                 sae, seed_dir,
                 meta={
-                    "layer": self.layer, "seed": seed, "model_name": str(model_info.get("id", "")),
+                    "layer": self.layer, "seed": seed, "model_name": model_name, "model_path": model_path,
+                    "model_identity": model_info,
                     "context_size": manifest.get("max_length"), "prepend_bos": True,
                     "dataset_path": str(datamodule.shards_dir), "shards_manifest_sha256": datamodule.manifest_sha256,
                     "split": datamodule.split, "final_metrics": record,
                 },
             )
+            save_sparsity(seed_dir, scores["firing_density"])
             write_seed_csv(log_rows, seed, seed_dir / "metrics.csv")
         write_json(
             self.out_dir / "metrics.json",

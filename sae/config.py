@@ -42,7 +42,8 @@ class SAEConfig:
         contrastive_temperature: temperature of that term (cosine similarities are divided by it).
         normalize_input: scale inputs to mean squared norm d_in during training (the scale is
             folded into the weights at export, so exported SAEs take raw activations).
-        batchtopk_row_cap: BatchTopK keeps at most `batchtopk_row_cap * k` latents in one row.
+        batchtopk_row_cap: while training, BatchTopK keeps at most `batchtopk_row_cap * k` latents
+            in one row (at inference the threshold alone decides, as in SAELens).
         threshold_momentum: EMA momentum of the BatchTopK inference threshold estimate.
         apply_b_dec_to_input: subtract b_dec before encoding (always true for SAEs trained here).
     """
@@ -162,6 +163,10 @@ class OptimConfig:
         fused: train on the fused path (`sae/kernels/fused.py`); None = where supported (a CUDA
             device with Triton, one process). Same updates as the standard path, faster.
         exp_avg_dtype: first-moment dtype of the fused path's matrices ("bfloat16" moves fewer bytes).
+        diverge_factor: training stops as diverged when fvu stays above this multiple of its
+            first-step value for `diverge_steps` steps (or is above it at the last step).
+        diverge_steps: consecutive diverged steps (fvu as above, or no latent firing) that stop
+            training; 0 = no divergence check.
     """
 
     lr: float | None = None
@@ -173,8 +178,14 @@ class OptimConfig:
     check_finite_every_step: bool = False
     fused: bool | None = None
     exp_avg_dtype: Literal["float32", "bfloat16"] = "float32"
+    diverge_factor: float = 10.0
+    diverge_steps: int = 50
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.diverge_factor) and self.diverge_factor > 1):
+            raise ValueError(f"diverge_factor must be a finite number > 1, got {self.diverge_factor}")
+        if self.diverge_steps < 0:
+            raise ValueError(f"diverge_steps must be >= 0 (0 = no divergence check), got {self.diverge_steps}")
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
@@ -239,7 +250,7 @@ class DataConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-LOGGERS = ("csv", "wandb")
+LOGGERS = ("csv", "wandb", "tensorboard")
 
 
 @dataclass
@@ -252,9 +263,12 @@ class TrainConfig:
         sae: the SAE (d_in = None: the store's d_model).
         optim: Adam and the training path.
         data: rows, order and placement.
-        ckpt_every: steps between checkpoints (`RUN/ckpt/last.ckpt`).
+        ckpt_every: steps between periodic checkpoints (`RUN/ckpt/step-<s>.ckpt`).
+        ckpt_keep: periodic checkpoints kept on disk while training (the newest; 0 = none);
+            `RUN/ckpt/last.ckpt`, written once at the end, replaces them.
         log_every_n_steps: steps between logged metrics.
-        logger: "csv" (always written) or "wandb" (also; offline unless WANDB_MODE=online).
+        logger: "csv" (always written), "wandb" (also; offline unless WANDB_MODE=online) or
+            "tensorboard" (also, into RUN/tensorboard; needs the tensorboard package).
         wandb_project: the W&B project name.
     """
 
@@ -264,8 +278,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ckpt_every: int = 500
+    ckpt_keep: int = 1
     log_every_n_steps: int = 50
-    logger: Literal["csv", "wandb"] = "csv"
+    logger: Literal["csv", "wandb", "tensorboard"] = "csv"
     wandb_project: str = "refusal-sae"
 
     def __post_init__(self) -> None:
@@ -275,6 +290,8 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.ckpt_every < 1:
             raise ValueError(f"ckpt_every must be >= 1, got {self.ckpt_every}")
+        if self.ckpt_keep < 0:
+            raise ValueError(f"ckpt_keep must be >= 0, got {self.ckpt_keep}")
         if self.log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
         if self.logger not in LOGGERS:

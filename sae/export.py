@@ -4,14 +4,13 @@
 our own metadata under the `refusal_sae` key. `sae_weights.safetensors` (SAELens' file name) is a
 relative symlink to `sae.safetensors`, so `sae_lens.SAE.load_from_disk(DIR)` works directly.
 Exported weights have the input scale folded in: they take raw activations.
-`load_sae` also reads generic SAELens SAEs: topk, standard (ReLU) and jumprelu.
+`load_sae` also reads generic SAELens SAEs (topk, standard ReLU, jumprelu; every cfg.json layout),
+exactly: `sae.saelens` maps their config, folds their weight conventions and reads their layer.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import re
-import tempfile
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from activations.io import read_json
-from activations.io import write_json
+from activations.io import atomic_write, file_sha256, read_json, write_json
+from activations.model_identity import check_same_model
 from sae.config import SAEConfig
 from sae.model import SparseAutoencoder
+from sae.saelens import config_from_saelens, fold_saelens_tensors, trained_layer
 
 WEIGHTS_NAME = "sae.safetensors"
 SAELENS_WEIGHTS_NAME = "sae_weights.safetensors"
+SPARSITY_NAME = "sparsity.safetensors"
 CFG_NAME = "cfg.json"
 FORMAT_VERSION = 1
-_NO_NORMALIZATION = (None, False, "none")
 
 
 def saelens_cfg(sae: SparseAutoencoder, layer: int | None, model_name: str = "", **context: Any) -> dict[str, Any]:
@@ -59,17 +59,15 @@ def saelens_cfg(sae: SparseAutoencoder, layer: int | None, model_name: str = "",
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
-    """Write safetensors to a temp file in the same folder, then os.replace; returns its sha256."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
+    """Write float32 safetensors atomically (`activations.io.atomic_write`); returns the file's sha256."""
+    digest: list[str] = []
+
+    def write(tmp: str) -> None:
         save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, tmp)
-        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return digest
+        digest.append(file_sha256(tmp))
+
+    atomic_write(path, write)
+    return digest[0]
 
 
 def _link_saelens_name(directory: Path) -> None:
@@ -84,12 +82,27 @@ def _link_saelens_name(directory: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def save_sparsity(directory: str | Path, density: Any) -> Path:
+    """`DIR/sparsity.safetensors` as SAELens writes it: `sparsity (d_sae,)` = log10(firing density + 1e-10).
+
+    `density`: `(d_sae,)` fraction of rows on which each latent fired (non-zero).
+    """
+    density = torch.as_tensor(density, dtype=torch.float64).flatten()
+    if bool(((density < 0) | (density > 1)).any()):
+        raise ValueError("firing densities must lie in [0, 1]")
+    path = Path(directory) / SPARSITY_NAME
+    atomic_write(path, lambda tmp: save_file({"sparsity": torch.log10(density + 1e-10).float().contiguous()}, tmp))
+    return path
+
+
 def save_sae(sae: SparseAutoencoder, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Export one SAE (input scale folded in) to `directory`.
 
     Args:
-        meta: our metadata; `layer`, `model_name`, `context_size`, `prepend_bos`, `dataset_path`
-            fill the SAELens keys, everything else is stored under `refusal_sae`.
+        meta: our metadata; `layer`, `model_name` (a hub id where the model has one, so SAELens
+            tools can load it), `context_size`, `prepend_bos`, `dataset_path` fill the SAELens
+            keys, everything (also `model_path`, the local folder actually used) is stored under
+            `refusal_sae`.
     """
     meta = dict(meta or {})
     out = Path(directory)
@@ -113,38 +126,6 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, meta: dict[str, Any]
     return out
 
 
-def _layer_from_hook(cfg: dict[str, Any]) -> int | None:
-    hook = cfg.get("hook_name") or cfg.get("hook_point") or (cfg.get("metadata") or {}).get("hook_name") or ""
-    match = re.match(r"blocks\.(\d+)\.", str(hook))
-    return int(match.group(1)) if match else cfg.get("hook_layer")
-
-
-def config_from_saelens(cfg: dict[str, Any]) -> SAEConfig:
-    """SAEConfig for a generic SAELens cfg.json (topk, standard ReLU, jumprelu)."""
-    if "d_in" not in cfg or "d_sae" not in cfg:
-        raise ValueError("SAELens cfg.json lacks d_in or d_sae")
-    norm = cfg.get("normalize_activations")
-    if norm not in _NO_NORMALIZATION:
-        raise ValueError(
-            f"SAELens SAE uses normalize_activations={norm!r}; only SAEs taking raw activations ('none') are supported"
-        )
-    arch = cfg.get("architecture", "standard")
-    act = str(cfg.get("activation_fn_str", cfg.get("activation_fn", "relu")))
-    common = {"d_in": int(cfg["d_in"]), "d_sae": int(cfg["d_sae"]), "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
-    if arch == "topk" or (arch == "standard" and act == "topk"):
-        k = (cfg.get("activation_fn_kwargs") or {}).get("k", cfg.get("k"))
-        if k is None:
-            raise ValueError("SAELens topk SAE without activation_fn_kwargs.k")
-        return SAEConfig(**common, k=int(k), architecture="topk")
-    if arch == "standard":
-        if act != "relu":
-            raise ValueError(f"SAELens standard SAE with activation {act!r} is not supported (only relu)")
-        return SAEConfig(**common, architecture="relu")
-    if arch == "jumprelu":
-        return SAEConfig(**common, architecture="jumprelu")
-    raise ValueError(f"unsupported SAELens architecture {arch!r}; supported: topk, standard, jumprelu")
-
-
 def _weights_path(directory: Path) -> Path:
     for name in (WEIGHTS_NAME, SAELENS_WEIGHTS_NAME):
         if (directory / name).is_file():
@@ -164,17 +145,12 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> tuple
     if ours is not None:
         sae_cfg = SAEConfig.from_dict(ours["sae_config"])
         expected = ours.get("weights_sha256")
-        if expected and hashlib.sha256(weights_path.read_bytes()).hexdigest() != expected:
+        if expected and file_sha256(weights_path) != expected:
             raise ValueError(f"{weights_path} does not match the sha256 recorded in {cfg_path} (partial write?)")
     else:
         sae_cfg = config_from_saelens(cfg)
-    tensors = load_file(str(weights_path), device="cpu")
-    if "scaling_factor" in tensors:
-        if not torch.allclose(tensors["scaling_factor"], torch.ones_like(tensors["scaling_factor"])):
-            raise ValueError(f"{weights_path} holds a non-trivial scaling_factor; fold it into the weights first")
-        del tensors["scaling_factor"]
-    if "log_threshold" in tensors and "threshold" not in tensors:
-        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    tensors = fold_saelens_tensors(cfg if ours is None else {}, load_file(str(weights_path), device="cpu"),
+                                   str(weights_path))
     required = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if sae_cfg.architecture in ("batchtopk", "jumprelu") else set())
     missing, extra = required - set(tensors), set(tensors) - required
     if missing or extra:
@@ -192,30 +168,36 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> tuple
     return sae.to(device).eval(), cfg
 
 
-def trained_layer(cfg: dict[str, Any]) -> int | None:
-    """The layer an SAE's cfg.json records (ours, SAELens `hook_layer`, or a `blocks.<l>.` hook name)."""
-    ours = cfg.get("refusal_sae") or {}
-    if ours.get("layer") is not None:
-        return int(ours["layer"])
-    layer = _layer_from_hook(cfg)
-    return None if layer is None else int(layer)
+def sae_model_identity(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The identity of the model whose activations an SAE was trained on (`activations.model_identity`),
+    as its cfg.json records it; None for SAEs trained elsewhere."""
+    return (cfg.get("refusal_sae") or {}).get("model_identity")
 
 
 def load_checked_sae(folder: str | Path, layer: int | None = None, d_model: int | None = None,
                      device: str | torch.device = "cpu", against: str = "the activation store",
-                     name: str | None = None) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """`load_sae` plus the checks every caller needs: the layer it was trained on and its width
-    (`d_model` of `against`: "the activation store" or "the model", for the message)."""
+                     name: str | None = None, model: dict[str, Any] | None = None) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """`load_sae` plus the checks every caller needs: the layer it was trained on, its width
+    (`d_model` of `against`: "the activation store" or "the model", for the message) and, when
+    `model` (an identity record of `against`) is given, that it was trained on that model."""
     path = Path(folder)
     if not path.is_dir():
         raise FileNotFoundError(f"SAE folder not found: {path}")
     sae, cfg = load_sae(path, device=device)
     name = name or str(path)
-    trained = trained_layer(cfg)
-    if layer is not None and trained is not None and trained != layer:
-        raise ValueError(f"SAE {name} was trained on layer {trained}, not layer {layer}")
+    if layer is not None:
+        try:
+            trained = trained_layer(cfg)
+        except ValueError as exc:
+            raise ValueError(f"SAE {name}: {exc}") from None
+        if trained is None:
+            print(f"note: SAE {name} records no hook or layer; cannot check that it reads layer {layer}",
+                  file=sys.stderr)
+        elif trained != layer:
+            raise ValueError(f"SAE {name} was trained on layer {trained}, not layer {layer}")
     if d_model is not None and sae.d_in != d_model:
         raise ValueError(f"SAE {name} has d_in {sae.d_in} but {against} has d_model {d_model}")
+    check_same_model(sae_model_identity(cfg), f"SAE {name}", model, against)
     return sae, cfg
 
 
@@ -241,14 +223,16 @@ def seed_folders(run_dir: str | Path) -> dict[int, Path]:
 
 
 def load_sae_run(run_dir: str | Path, layer: int | None = None, d_model: int | None = None,
-                 seeds: Sequence[int] | None = None, device: str | torch.device = "cpu") -> dict[int, SparseAutoencoder]:
+                 seeds: Sequence[int] | None = None, device: str | torch.device = "cpu",
+                 model: dict[str, Any] | None = None, against: str = "the activation store") -> dict[int, SparseAutoencoder]:
     """`{seed: SAE in eval mode}` of a training run folder (`RUN/seed_<s>/`) or one SAE folder, each
-    checked against `layer` and `d_model` when given; `seeds` picks some (all must exist)."""
+    checked against `layer`, `d_model` and the model identity `model` of `against` when given;
+    `seeds` picks some (all must exist)."""
     folders = seed_folders(run_dir)
     if seeds is not None:
         missing = sorted(set(seeds) - set(folders))
         if missing:
             raise ValueError(f"SAE run {run_dir} has seeds {sorted(folders)}, not {missing}")
         folders = {s: folders[s] for s in seeds}
-    return {seed: load_checked_sae(path, layer, d_model, device, name=f"seed {seed}")[0]
+    return {seed: load_checked_sae(path, layer, d_model, device, against, name=f"seed {seed}", model=model)[0]
             for seed, path in folders.items()}

@@ -166,9 +166,15 @@ class SparseAutoencoder(nn.Module):
         return arch in ("relu", "jumprelu") or (arch == "batchtopk" and not self.training)
 
     def _sparse_from_dense(self, codes: Tensor) -> tuple[Tensor, Tensor]:
-        """Dense codes → (values, indices): top `k * batchtopk_row_cap` for BatchTopK, all latents otherwise."""
+        """Dense codes → (values, indices) holding every non-zero code.
+
+        BatchTopK at inference: width = the most latents active in any row of the batch (rows with
+        fewer are padded with zero values), so no row loses a latent above the threshold (the rule
+        SAELens applies to a BatchTopK SAE, saved as JumpReLU; one host sync). Otherwise all latents.
+        """
         if self.cfg.architecture == "batchtopk":
-            return codes.topk(min(self.d_sae, self.cfg.k * self.cfg.batchtopk_row_cap), dim=-1, sorted=False)
+            width = max(1, int((codes != 0).sum(dim=-1).max())) if codes.numel() else 1
+            return codes.topk(min(self.d_sae, width), dim=-1, sorted=False)
         return codes, torch.arange(self.d_sae, device=codes.device).expand_as(codes)
 
     def _dense_codes(self, x: Tensor) -> Tensor:
@@ -207,7 +213,11 @@ class SparseAutoencoder(nn.Module):
         return values * keep
 
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Sparse codes: `values (batch, n)`, `indices (batch, n)` (n = k for TopK)."""
+        """Sparse codes: `values (batch, n)`, `indices (batch, n)`; dense-scattered they equal `encode(x)`.
+
+        n = k for TopK; for BatchTopK, k · batchtopk_row_cap while training (the batch-wide top-k)
+        and, at inference, the most latents any row has above the threshold; d_sae for ReLU / JumpReLU.
+        """
         values, indices = self._select(x)
         return values, indices
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sae.config import OptimConfig, SAEConfig, as_config, default_lr
+from sae.divergence import DivergenceMonitor
 from sae.losses import TERM_NAMES, NonFiniteMonitor, check_finite
 from sae.model import SparseAutoencoder
 from sae.seed_parallel import (
@@ -31,6 +32,10 @@ from sae.seed_parallel import (
 )
 from sae.step import ddp_variance, fused_supported, make_optimizer, seed_step_loss
 from sae.tracking import LatentTracker, density_histogram, density_summary, l0_norm
+
+
+DIVERGENCE_KEY = "divergence_monitor"
+"""Key of the divergence monitor's state in a checkpoint."""
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:
@@ -76,6 +81,7 @@ class SAELightningModule(pl.LightningModule):
         self.trackers = nn.ModuleList([LatentTracker(cfg.num_latents, cfg.dead_tokens_threshold) for _ in seeds])
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.monitor = NonFiniteMonitor(seeds)
+        self.divergence = DivergenceMonitor(seeds, opt.diverge_factor, opt.diverge_steps)
 
     # ---- setup --------------------------------------------------------------------------------
     def _datamodule(self) -> Any:
@@ -147,7 +153,9 @@ class SAELightningModule(pl.LightningModule):
             sync_seed_states(list(self.trackers), self.trainer.world_size)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Seed-parallel checkpoints hold every seed's weights and optimizer state (all ranks call this)."""
+        """The divergence streaks; seed-parallel checkpoints hold every seed's weights and optimizer
+        state (all ranks call this)."""
+        checkpoint[DIVERGENCE_KEY] = self.divergence.state_dict()
         if self.seed_parallel and self.trainer.world_size > 1:
             self.sync_seed_states()  # in place: the dumped state_dict shares these tensors
             checkpoint[OPTIMIZER_KEY] = gather_optimizer_states(
@@ -155,7 +163,8 @@ class SAELightningModule(pl.LightningModule):
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Give this rank's optimizer the saved states of the seeds it owns."""
+        """Restore the divergence streaks; give this rank's optimizer the saved states of the seeds it owns."""
+        self.divergence.load_state_dict(checkpoint.get(DIVERGENCE_KEY) or {}, self.device)
         if OPTIMIZER_KEY in checkpoint and checkpoint.get("optimizer_states"):
             checkpoint["optimizer_states"] = [optimizer_state_for_rank(
                 checkpoint[OPTIMIZER_KEY], checkpoint["optimizer_states"][0], list(self.saes), self.owned(), self.seeds
@@ -209,14 +218,17 @@ class SAELightningModule(pl.LightningModule):
             seed, sae, tracker = self.seeds[index], self.saes[index], self.trackers[index]
             terms, out = seed_step_loss(sae, tracker, x, labels, self.cfg, reduce, variance)
             self.monitor.record(index, terms, step)
+            l0 = l0_norm(out.latent_values.detach())
+            self.divergence.record(index, terms.fvu, l0, step)
             if self.check_finite_every_step:
                 check_finite(terms, step, seed)
             total = total + terms.total
             if log_now:
                 values = [t.detach().to(torch.float32) for t in terms]
-                per_seed[index] = [*values, l0_norm(out.latent_values.detach()), tracker.dead_fraction()]
+                per_seed[index] = [*values, l0, tracker.dead_fraction()]
         if log_now:
             self.monitor.raise_if_bad()
+            self.divergence.raise_if_bad()
             metrics: dict[str, Tensor | float] = self._seed_metrics(per_seed)
             metrics["lr"] = self.lr_schedulers().get_last_lr()[0]  # type: ignore[union-attr]
             self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=x.shape[0])
@@ -258,7 +270,10 @@ class SAELightningModule(pl.LightningModule):
             for index in self.owned():
                 self.saes[index].remove_parallel_grad()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Adam, then unit-norm decoder rows, before any callback runs: a checkpoint saved at this step
+        holds exactly the weights the next step starts from (the fused path renormalises inside its step)."""
+        super().optimizer_step(*args, **kwargs)
         if not self.fused:
             for index in self.owned():
                 self.saes[index].normalize_decoder()

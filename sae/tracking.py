@@ -131,12 +131,13 @@ def evaluate_sae(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> dict[str,
     """Inference-mode metrics over batches `(batch, d_in)`, accumulated in float64.
 
     Returns `fvu` (pooled: summed squared error / summed variance about the pooled mean), `l0`
-    (mean non-zeros per row), `never_fired_fraction` (latents silent on every row) and `n_rows`.
+    (mean non-zeros per row), `never_fired_fraction` (latents silent on every row), `n_rows` and
+    `firing_density`: a `(d_sae,)` float64 array, the fraction of rows each latent fired on.
     """
     was_training = sae.training
     sae.eval()
     sq_err = sum_x = sum_sq = l0_sum = 0.0
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.device)
+    fires = torch.zeros(sae.d_sae, dtype=torch.int64, device=sae.device)
     n = 0
     try:
         for x in batches:
@@ -145,8 +146,9 @@ def evaluate_sae(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> dict[str,
             sq_err += float((target - out.x_hat.to(torch.float64)).pow(2).sum())
             sum_x = sum_x + target.sum(dim=0)
             sum_sq += float(target.pow(2).sum())
-            l0_sum += float((out.latent_values != 0).sum())
-            fired[out.latent_indices[out.latent_values != 0]] = True
+            active = out.latent_values != 0
+            l0_sum += float(active.sum())
+            fires.index_add_(0, out.latent_indices[active], torch.ones_like(out.latent_indices[active]))
             n += x.shape[0]
     finally:
         sae.train(was_training)
@@ -156,6 +158,7 @@ def evaluate_sae(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> dict[str,
     return {
         "fvu": sq_err / variance if variance > 0 else float("nan"),
         "l0": l0_sum / n,
-        "never_fired_fraction": float((~fired).to(torch.float64).mean()),
+        "never_fired_fraction": float((fires == 0).to(torch.float64).mean()),
         "n_rows": n,
+        "firing_density": fires.double().cpu().numpy() / n,
     }

@@ -4,6 +4,7 @@ Examples::
 
     builtin:quickstart?per_category=10
     jsonl:data/alpaca.jsonl?text=instruction&as=benign&limit=500
+    data/alpaca.jsonl?text=instruction      (a .jsonl / .json / .csv file: the extension is the kind)
     coconot:../shared/data/coconot/coconot_eval.jsonl
     coconot:allenai/coconot            (hub dataset id, needs network)
     orbench:bench-llm/or-bench?config=or-bench-hard-1k
@@ -58,8 +59,24 @@ class SourceSpec:
         return None if value is None else int(value)
 
 
+EXTENSIONS: dict[str, str] = {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
+"""A spec without a kind whose location ends so is read as that kind (`my.jsonl` = `jsonl:my.jsonl`)."""
+
+
+def kind_from_extension(spec: str) -> str | None:
+    """The kind of a spec written as a bare file name (`data/x.jsonl?text=instruction`), else None.
+
+    Only a spec that does not start with a known `KIND:` counts, so `jsonl:x.csv` stays jsonl.
+    """
+    head = spec.partition(":")[0].strip().lower()
+    if head in OPTIONS_BY_KIND:
+        return None
+    location = spec.partition("?")[0]
+    return next((kind for ext, kind in EXTENSIONS.items() if location.lower().endswith(ext)), None)
+
+
 def parse_spec(spec: str) -> SourceSpec:
-    """Parse `KIND:LOCATION?opt=val&...` into a SourceSpec.
+    """Parse `KIND:LOCATION?opt=val&...` (or `FILE.jsonl|.json|.csv?opt=val&...`) into a SourceSpec.
 
     Raises ValueError (one line, naming the spec) for a missing `:`, an unknown kind, an unknown or
     repeated option, an option without `=`, or a count option that is not a positive integer.
@@ -67,10 +84,14 @@ def parse_spec(spec: str) -> SourceSpec:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"empty prompt-source spec {spec!r}; expected KIND:LOCATION, e.g. builtin:quickstart")
     raw = spec.strip()
+    by_extension = kind_from_extension(raw)
+    if by_extension is not None:
+        raw = f"{by_extension}:{raw}"
     kind, sep, rest = raw.partition(":")
     kind = kind.strip().lower()
     if not sep:
-        raise ValueError(f"prompt-source spec {raw!r} has no ':'; expected KIND:LOCATION with KIND one of {', '.join(KINDS)}")
+        raise ValueError(f"prompt-source spec {raw!r} has no ':'; expected KIND:LOCATION with KIND one of "
+                         f"{', '.join(KINDS)}, or a file ending in {', '.join(EXTENSIONS)}")
     if kind not in OPTIONS_BY_KIND:
         raise ValueError(f"prompt-source spec {raw!r}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     location, _, query = rest.partition("?")

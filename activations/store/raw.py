@@ -66,6 +66,7 @@ class LayerReader:
 
     def __init__(self, store: ActivationStore, layer: int) -> None:
         store._check_layer(layer)
+        store._verify(range(len(store.manifest["shards"])))  # checksums as every reader (once per process)
         self.store, self.layer = store, layer
         self.dtype_name = store.dtype
         self.np_dtype = physical_dtype(store.dtype)

@@ -1,14 +1,23 @@
 """Read an activation shard store (schema version 1, see docs/shards.md).
 
-`ActivationStore(dir)` checks the manifest against the files (existence and byte size always, sha256
-with `verify=True`), then serves float32 activation rows of one layer, optionally filtered by split
-and category, either all at once (`load`) or in fixed-size chunks read shard by shard (`iter_chunks`).
+`ActivationStore(dir)` checks the manifest against the files (existence and byte size always), then
+serves float32 activation rows of one layer, optionally filtered by split and category, either all
+at once (`load`) or in fixed-size chunks read shard by shard (`iter_chunks`).
+
+Checksums (`verify`): by default ("once") every shard's sha256 is checked the first time this
+process reads it, and remembered per process (keyed by path, size, mtime and inode), so a corrupted
+shard stops the first reader with one error naming the file, and a process reads each shard's
+bytes for hashing once (`bench/store_verify.py` measures the cost). `verify=True` checks every
+shard when the store is opened; `verify=False` checks sizes only.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -28,6 +37,46 @@ from activations.store.format import (
 
 COLUMN_BYTES = np.dtype("S64")
 """Fixed width of category / split values read by `ActivationStore.column` (the vocabulary is shorter)."""
+
+_VERIFIED: set[tuple[str, int, int, int, str]] = set()
+"""Shards whose sha256 this process has checked: (real path, size, mtime_ns, inode, expected sha256)."""
+_VERIFIED_LOCK = threading.Lock()
+HASH_THREADS = 4
+"""Shards hashed at once (hashlib releases the GIL on large reads)."""
+
+
+def _verify_key(path: Path, sha256: str) -> tuple[str, int, int, int, str]:
+    stat = path.stat()
+    return (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, sha256)
+
+
+def verify_shards(paths_and_sums: Iterable[tuple[Path, str]], force: bool = False) -> None:
+    """Check each shard's sha256 against the manifest's, at most once per process (unless `force`).
+
+    Raises ValueError naming the first shard whose bytes differ.
+    """
+    todo = []
+    for path, expected in paths_and_sums:
+        key = _verify_key(path, expected)
+        with _VERIFIED_LOCK:
+            if force or key not in _VERIFIED:
+                todo.append((path, expected, key))
+    if not todo:
+        return
+    with ThreadPoolExecutor(min(HASH_THREADS, len(todo))) as pool:
+        digests = list(pool.map(lambda item: file_sha256(item[0]), todo))
+    for (path, expected, key), digest in zip(todo, digests):
+        if digest != expected:
+            raise ValueError(f"activation shard {path} fails its sha256 checksum: {path.name} is corrupt (manifest "
+                             f"{expected[:12]}…, file {digest[:12]}…); harvest again into a new folder")
+        with _VERIFIED_LOCK:
+            _VERIFIED.add(key)
+
+
+def forget_verified() -> None:
+    """Forget which shards this process has verified (benchmarks and tests)."""
+    with _VERIFIED_LOCK:
+        _VERIFIED.clear()
 
 
 def open_shard(path: Path) -> h5py.File:
@@ -73,29 +122,40 @@ class ActivationStore:
 
     Args:
         directory: the store folder.
-        verify: also recompute every shard's sha256 (reads all bytes once).
+        verify: "once" (each shard's sha256 checked the first time this process reads it), True
+            (every shard now, even if checked before) or False (sizes only).
     """
 
-    def __init__(self, directory: str | Path, verify: bool = False) -> None:
+    def __init__(self, directory: str | Path, verify: bool | Literal["once"] = "once") -> None:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise FileNotFoundError(f"activation store folder not found: {self.directory}")
+        if verify not in (True, False, "once"):
+            raise ValueError(f"verify must be True, False or 'once', got {verify!r}")
+        self.verify = verify
         self.manifest: dict[str, Any] = read_manifest(self.directory)
         self._shards: list[dict[str, Any]] = list(self.manifest["shards"])
         self._meta_cache: dict[int, RowMeta] = {}
         self._column_cache: dict[tuple[int, str], np.ndarray] = {}
         for entry in self._shards:
-            self._check_shard_file(entry, verify)
+            self._check_shard_file(entry)
+        if verify is True:
+            self._verify(range(len(self._shards)), force=True)
 
-    def _check_shard_file(self, entry: dict[str, Any], verify: bool) -> None:
+    def _check_shard_file(self, entry: dict[str, Any]) -> None:
         path = self.directory / entry["file"]
         if not path.is_file():
             raise FileNotFoundError(f"activation shard missing: {path} (listed in {self.directory}/manifest.json)")
         size = path.stat().st_size
         if "bytes" in entry and size != entry["bytes"]:
             raise ValueError(f"activation shard {path} is {size} bytes, the manifest says {entry['bytes']} (truncated?)")
-        if verify and file_sha256(path) != entry["sha256"]:
-            raise ValueError(f"activation shard {path} fails its sha256 checksum")
+
+    def _verify(self, indices: Iterable[int], force: bool = False) -> None:
+        """Checksum the shards `indices` (once per process unless `force`); no-op with verify=False."""
+        if self.verify is False:
+            return
+        verify_shards(((self.directory / self._shards[i]["file"], self._shards[i]["sha256"]) for i in indices
+                       if "sha256" in self._shards[i]), force=force)
 
     # ---- description -------------------------------------------------------------------------
     @property
@@ -135,6 +195,7 @@ class ActivationStore:
     # ---- metadata ----------------------------------------------------------------------------
     def _shard_meta(self, index: int) -> RowMeta:
         if index not in self._meta_cache:
+            self._verify([index])
             entry = self._shards[index]
             self._meta_cache[index] = read_shard_meta(self.directory / entry["file"], entry["rows"])
         return self._meta_cache[index]
@@ -144,6 +205,7 @@ class ActivationStore:
         own conversion, no Python string per row: the fast path for millions of rows), numbers as stored."""
         key = (index, name)
         if key not in self._column_cache:
+            self._verify([index])
             entry = self._shards[index]
             path = self.directory / entry["file"]
             with open_shard(path) as f:
@@ -160,6 +222,8 @@ class ActivationStore:
         """Per shard: its index and a boolean row mask (None = every row)."""
         splits = _as_tuple(split, SPLITS, "split")
         cats = _as_tuple(categories, CATEGORIES, "category")
+        if splits is not None or cats is not None:
+            self._verify(range(len(self._shards)))  # every shard's metadata is read: checksum them in parallel
         for index in range(len(self._shards)):
             if splits is None and cats is None:
                 yield index, None
@@ -183,6 +247,7 @@ class ActivationStore:
 
     def meta(self, split: str | Sequence[str] | None = None, categories: Sequence[str] | None = None) -> RowMeta:
         """Row metadata (no activations) of the selected rows, in store order."""
+        self._verify(range(len(self._shards)))
         parts = []
         for index, mask in self._masks(split, categories):
             meta = self._shard_meta(index)
@@ -227,6 +292,7 @@ class ActivationStore:
         self._check_layer(layer)
         selections = list(self._masks(split, categories))
         counts = [self._shards[i]["rows"] if m is None else int(m.sum()) for i, m in selections]
+        self._verify([i for (i, _), count in zip(selections, counts) if count])  # in parallel, before reading
         out = np.empty((sum(counts), self.d_model), dtype=np.float32)
         metas: list[RowMeta] = []
         at = 0
@@ -255,6 +321,7 @@ class ActivationStore:
             rows = self._shards[index]["rows"]
             if rows == 0 or (mask is not None and not mask.any()):
                 continue
+            self._verify([index])
             with open_shard(self.directory / self._shards[index]["file"]) as f:
                 ds = self._dataset(f, layer, index)
                 encoding = ds.attrs.get(BF16_ATTR)

@@ -5,8 +5,8 @@ the shard goes to a temp file in the same folder, is fsynced and `os.replace`d i
 then is `manifest.json` rewritten (atomically) to list it. A kill at any moment therefore leaves a
 store whose manifest lists only complete shards; a prompt's rows always sit in one shard.
 
-Opening a folder that already holds a store of the same harvest (model, layers, d_model, dtype,
-positions, template, max length, prompt hashes) resumes it: `writer.stored_prompt_ids` tells the
+Opening a folder that already holds a store of the same harvest (model — its weights fingerprint,
+not its path —, layers, d_model, dtype, positions, template, max length, prompt hashes) resumes it: `writer.stored_prompt_ids` tells the
 harvester what to skip. A store of a different harvest is refused with one ValueError line.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from activations.model_identity import comparable
 from activations.records import CATEGORIES, SPLITS
 from activations.store.commit import concat_rows, publish_shard, write_temp_shard
 from activations.io import write_json
@@ -53,6 +54,10 @@ IDENTITY_KEYS = (
 
 BACKGROUND_SHARDS = 4
 """Shards a background writer writes at once (checksumming and fsyncing some while writing the next)."""
+
+
+class HarvestMismatch(ValueError):
+    """The folder already holds a store of a different harvest."""
 
 
 def _describe(value: Any) -> str:
@@ -161,8 +166,10 @@ class ShardWriter:
     def _open_existing(self) -> dict[str, Any]:
         manifest = read_manifest(self.directory)
         for key in IDENTITY_KEYS:
-            if manifest.get(key) != self.identity[key]:
-                raise ValueError(
+            same = (comparable(manifest.get(key)) == comparable(self.identity[key]) if key == "model"
+                    else manifest.get(key) == self.identity[key])
+            if not same:
+                raise HarvestMismatch(
                     f"{self.directory} already holds a different harvest: its {key} is "
                     f"{_describe(manifest.get(key))}, this run's is {_describe(self.identity[key])}; "
                     "use another output folder"

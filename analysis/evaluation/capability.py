@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from activations.progress import progress_bar
 
 from activations.tokenize import format_prompt, has_chat_template, position_ids_from_mask
 from analysis.evaluation.capability_data import GenItem, MCItem, parse_number
@@ -115,6 +115,7 @@ def score_multiple_choice(
     chat_template: bool = True,
     max_length: int = 1024,
     progress: bool = False,
+    desc: str = "multiple choice",
 ) -> MCScores:
     """Summed log-prob and token count of every option of every item (see the module docstring).
 
@@ -127,7 +128,7 @@ def score_multiple_choice(
     sequences = _mc_sequences(tokenizer, items, chat_template, max_length)
     scores = np.empty(len(sequences), dtype=np.float64)
     starts = range(0, len(sequences), batch_size)
-    for start in tqdm(starts, desc="multiple choice", disable=not progress, unit="batch"):
+    for start in progress_bar(starts, desc=desc, disable=not progress, unit="batch"):
         batch = sequences[start : start + batch_size]
         with enter_batch_context(make_context, [index for index, _, _ in batch]):
             scores[start : start + len(batch)] = _continuation_logprobs(model, tokenizer.pad_token_id, batch)
@@ -154,6 +155,7 @@ def answer_generative(
     max_new_tokens: int = 256,
     chat_template: bool = True,
     progress: bool = False,
+    desc: str = "generate",
 ) -> tuple[np.ndarray, list[str]]:
     """Greedy answers and exact-match flags: `(correct (n_items,) bool, responses)`."""
     if not items:
@@ -161,7 +163,7 @@ def answer_generative(
     prompts = [item.question + GEN_INSTRUCTION for item in items]
     responses = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                make_context=make_context, chat_template=chat_template, max_length=None,
-                               progress=progress)
+                               progress=progress, desc=desc)
     correct = []
     for item, response in zip(items, responses):
         predicted = extract_last_number(response)
@@ -193,6 +195,7 @@ def evaluate_capability(
     chat_template: bool = True,
     per_item: bool = False,
     progress: bool = False,
+    desc: str = "capability",
 ) -> dict[str, dict[str, Any]]:
     """Accuracy of each task as `{task: {"score", "ci": [lo, hi], "n", "metric", ...}}` (Wilson 95%).
 
@@ -207,7 +210,7 @@ def evaluate_capability(
         items = list(items)
         if _task_kind(name, items) is MCItem:
             scores = score_multiple_choice(model, tokenizer, items, make_context, batch_size, chat_template,
-                                           progress=progress)
+                                           progress=progress, desc=f"{desc}: {name}")
             answers = np.array([item.answer for item in items])
             correct = scores.predictions(normalise=True) == answers
             result = _score_dict(correct)
@@ -215,7 +218,7 @@ def evaluate_capability(
             result["sum"] = _score_dict(scores.predictions(normalise=False) == answers)
         else:
             correct, _ = answer_generative(model, tokenizer, items, make_context, batch_size, max_new_tokens,
-                                           chat_template, progress)
+                                           chat_template, progress, desc=f"{desc}: {name}")
             result = _score_dict(correct)
             result["metric"] = f"exact match of the last number, greedy, max {max_new_tokens} new tokens"
         if per_item:

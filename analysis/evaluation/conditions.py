@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from activations.adapter import ModelAdapter
+from activations.hooks import BlockOutputCache
 from activations.records import BENIGN, CONTRAST, REFUSAL_CATEGORIES, PromptRecord
 from analysis.evaluation.refusal import RefusalResult, evaluate_refusal, summarise_refusal
 from analysis.interventions.steering import steer
@@ -33,10 +34,20 @@ class EvalSetup:
     positions: str = "all"
     batch_size: int = 32
     max_length: int = 256
+    reuse_blocks: bool = True
+    _cache: BlockOutputCache | None = field(default=None, repr=False)
 
     @property
     def adapter(self) -> ModelAdapter:
         return ModelAdapter(self.model)
+
+    @property
+    def block_cache(self) -> BlockOutputCache | None:
+        """Blocks 0..layer of the unsteered forward, kept per batch so the many conditions at `layer`
+        run only the blocks above it (None with `reuse_blocks=False`)."""
+        if self.reuse_blocks and self._cache is None:
+            self._cache = BlockOutputCache(self.adapter, self.layer)
+        return self._cache if self.reuse_blocks else None
 
 
 @dataclass
@@ -92,14 +103,22 @@ def run_refusal(
     plan: Plan | None = None,
     context: Callable[[np.ndarray], AbstractContextManager] | None = None,
     progress: bool = False,
+    at_layer: bool = True,
+    desc: str = "refusal",
 ) -> list[RefusalResult]:
-    """Refusal-token evaluation of `records` under `plan` (steering) or `context` (e.g. ablation)."""
+    """Refusal-token evaluation of `records` under `plan` (steering) or `context` (e.g. ablation);
+    `progress` shows a bar named `desc`.
+
+    `at_layer`: the intervention acts at `setup.layer` or later, so batches seen unsteered before
+    skip the blocks below it (`EvalSetup.block_cache`); pass False for one acting at earlier layers.
+    """
     if plan is not None and context is not None:
         raise ValueError("give a steering plan or a context, not both")
     make_context = plan.context(setup) if plan is not None else context
     return evaluate_refusal(
         setup.model, setup.tokenizer, records, spec=setup.spec, make_context=make_context,
-        batch_size=setup.batch_size, max_length=setup.max_length, progress=progress,
+        batch_size=setup.batch_size, max_length=setup.max_length, progress=progress, desc=desc,
+        cache=setup.block_cache if at_layer or make_context is None else None,
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from activations.progress import progress_bar
 
 from activations.tokenize import encode_prompts
 
@@ -68,6 +68,7 @@ def generate_texts(
     chat_template: bool = True,
     max_length: int | None = 512,
     progress: bool = False,
+    desc: str = "generate",
 ) -> list[str]:
     """Greedy responses (new tokens only, special tokens removed) to each prompt, in input order.
 
@@ -85,7 +86,7 @@ def generate_texts(
     device = model_device(model)
     responses: list[str] = []
     starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
+    for start in progress_bar(starts, desc=desc, disable=not progress, unit="batch"):
         rows = np.arange(start, min(start + batch_size, len(texts)))
         batch = encode_prompts(tokenizer, texts[start : rows[-1] + 1], chat_template, max_length, device=device)
         with enter_batch_context(make_context, rows):

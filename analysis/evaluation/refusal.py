@@ -150,12 +150,15 @@ def evaluate_refusal(
     phrases: Sequence[str] = DEFAULT_REFUSAL_PHRASES,
     window: int = DEFAULT_WINDOW,
     progress: bool = False,
+    cache: Any = None,
+    desc: str = "refusal",
 ) -> list[RefusalResult]:
     """Measure refusal on `records` with every method that applies.
 
     With `spec` (the model has refusal tokens): token decision and log-odds. With `generate=True`
     or a `judge`: greedy responses of `max_new_tokens` tokens, phrase matching, and the judge.
     `make_context(row_indices)` wraps each batch of either pass (rows in the given order).
+    `cache`: an `activations.hooks.BlockOutputCache` for the token decision (see `first_token_logits`).
     """
     records = list(records)
     if not records:
@@ -167,7 +170,7 @@ def evaluate_refusal(
     if spec is not None:
         logits = first_token_logits(
             model, tokenizer, prompts, spec, batch_size=batch_size, chat_template=chat_template,
-            max_length=max_length, make_context=make_context, progress=progress,
+            max_length=max_length, make_context=make_context, progress=progress, cache=cache, desc=desc,
         )
         decisions = first_token_decisions(logits)
         log_odds = np.asarray(refusal_log_odds(logits), dtype=np.float64)
@@ -175,6 +178,7 @@ def evaluate_refusal(
         texts = generate_texts(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
             make_context=make_context, chat_template=chat_template, max_length=max_length, progress=progress,
+            desc=f"{desc}: generate",
         )
     if judge is not None:
         judged = list(judge(prompts, list(texts)))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from activations.progress import progress_bar
 
 from activations.adapter import ModelAdapter
 from activations.hooks import residual_hooks
@@ -246,7 +246,7 @@ def activation_patching(
         raise ValueError(f"units must be a non-empty list of indices in 0..{n_units - 1}")
     cols = list(pos)
     effects = torch.empty(clean_values.shape[0], len(chosen), dtype=torch.float64)
-    for j, unit in enumerate(tqdm(chosen, desc=f"patching layer {layer}", leave=False, disable=None)):
+    for j, unit in enumerate(progress_bar(chosen, desc=f"patching layer {layer}", leave=False)):
 
         def patch(hidden: torch.Tensor, unit: int = unit) -> torch.Tensor:
             out = hidden.clone()

@@ -53,10 +53,34 @@ def training_curves(ctx: RunContext) -> dict[int, dict[str, list[float]]]:
     return curves
 
 
+def preflight(cfg: PipelineConfig) -> None:
+    """The checks that need the model's shape, before the first stage: harvest layers in range and the
+    SAE's width against k (`SAEConfig.for_input`). Skipped when the model's config cannot be read
+    without loading the model (e.g. a hub id that is not cached); a missing model folder is an error."""
+    from transformers import AutoConfig
+
+    from activations.model_loading import resolve_model_path
+
+    path = resolve_model_path(cfg.model)  # FileNotFoundError for a missing local folder
+    try:
+        config = AutoConfig.from_pretrained(path)
+        n_layers, d_model = int(config.num_hidden_layers), int(config.hidden_size)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return
+    bad = [layer for layer in (cfg.harvest.layers or []) if not 0 <= int(layer) < n_layers]
+    if bad:
+        raise ValueError(f"harvest.layers: layer {bad[0]} is out of range; {cfg.model} has blocks 0..{n_layers - 1}")
+    try:
+        cfg.train.sae.for_input(d_model)
+    except ValueError as exc:
+        raise ValueError(f"train.sae: {exc} (d_in = {cfg.model}'s d_model {d_model})") from None
+
+
 def run_pipeline(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     """Run (or resume) every stage under `out`, then write summary.json and report.html."""
     from analysis.pipeline.outputs import write_outputs
 
+    preflight(cfg)
     out.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(cfg, out)
     began = time.perf_counter()

@@ -27,10 +27,19 @@ def _value_entry(entry: dict[str, Any], key: str) -> dict[str, Any]:
     return {"value": entry[key], "ci": entry["ci"], "n": entry["n"]}
 
 
+SAE_KEYS = ("fvu", "l0", "dead_fraction", "k", "n_latents", "steps")
+"""Per-seed keys of summary.json's `sae` block, read from the exported run's metrics.json."""
+
+
+def sae_block(ctx: RunContext) -> dict[str, dict[str, Any]]:
+    """summary.json's `sae` block: the metrics and shape of the SAEs the train stage exported."""
+    seeds = _read(ctx.stage_dir(TRAIN) / "metrics.json")["seeds"]
+    return {str(seed): {k: m[k] for k in SAE_KEYS if k in m} for seed, m in seeds.items()}
+
+
 def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: float) -> dict[str, Any]:
     """summary.json contents from the stage outputs of the run."""
     prompts = _read(manifest_path(ctx))
-    sae_metrics = _read(ctx.stage_dir(TRAIN) / "metrics.json")["seeds"]
     select = _read(selection_dir(ctx, "sae") / SELECT_REPORT)
     reference = f"seed_{select['reference_seed']}"
     probe_eval = select["runs"][reference]["probe_eval"]
@@ -48,7 +57,7 @@ def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
         "seeds": list(ctx.cfg.train.seeds),
         "splits": {name: {"n": s["n"], "sha256": s["sha256"], "categories": s["categories"]}
                    for name, s in prompts["splits"].items()},
-        "sae": {str(seed): {k: m[k] for k in ("fvu", "l0", "dead_fraction")} for seed, m in sae_metrics.items()},
+        "sae": sae_block(ctx),
         "probe": {
             "space": f"sae latents, {reference}",
             "accuracy": {"value": probe_eval["accuracy"]["rate"], "ci": probe_eval["accuracy"]["ci"],

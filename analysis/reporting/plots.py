@@ -76,8 +76,7 @@ def save_fig(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
     fmt = out.suffix.lstrip(".").lower()
     if not fmt:
         raise ValueError(f"output path {out} has no suffix to pick the image format from")
-    # mkstemp creates 0600; the image is made readable like a normal file
-    return atomic_write(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"), mode=0o644)
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
 
 
 def png_to_data_uri(path: str | os.PathLike[str]) -> str:

@@ -4,7 +4,7 @@ Schema version 1 (documented in the README):
     schema_version: 1
     model: str; layers: [int]; seeds: [int]
     splits: {extract|calibrate|eval: {n, sha256, categories: {cat: n}}}
-    sae: {seed: {fvu, l0, dead_fraction}}
+    sae: {seed: {fvu, l0, dead_fraction, k, n_latents, steps}}  (k, n_latents, steps: of the exported SAEs)
     probe: {accuracy: {value, ci, n}, macro_f1: {value, ci, n}}
     stability: {matched_cosine_mean, feature_jaccard: {cat: float}}
     geometry: {space: {silhouette, davies_bouldin, calinski_harabasz}}

@@ -70,12 +70,15 @@ class Inputs(TargetInputs):
 
     Args:
         layer: block whose output units are scored.
-        sae: one exported SAE folder (RUN/seed_<s>): score its latents instead of residual units.
+        sae: SAE training run folder or one seed's folder (RUN/seed_<s>): score its latents instead
+            of residual units.
+        sae_seed: with a run folder, the seed to use (default: the run's first).
         out: output JSON.
     """
 
     layer: int
     sae: Path | None = None
+    sae_seed: int | None = None
     out: Path = Path("attribution.json")
 
 
@@ -114,6 +117,7 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
 
     from activations.adapter import ModelAdapter
     from activations.io import write_json
+    from activations.model_identity import model_identity
     from analysis.evaluation.logit_metrics import refusal_margin_metric
     from analysis.interventions.attribution import activation_patching, attribution_patching
     from analysis.stages.common import load_records, load_seed_sae, load_target
@@ -123,7 +127,9 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
     model, tokenizer, spec = load_target(inputs.model, inputs.tokens, inputs.device, inputs.resolved_dtype)
     adapter = ModelAdapter(model)
     adapter.check_layer(inputs.layer)
-    sae = None if inputs.sae is None else load_seed_sae(inputs.sae, inputs.layer, adapter.d_model, str(adapter.device))[0]
+    sae, sae_seed = (None, None) if inputs.sae is None else load_seed_sae(
+        inputs.sae, inputs.layer, adapter.d_model, str(adapter.device), model_identity(model, inputs.model),
+        seed=inputs.sae_seed)
     ids = spec.token_ids(tokenizer)  # class order: [respond] first, then the five refusal tokens
     metric = refusal_margin_metric(ids[1:], ids[0])
     chunks = encoded_chunks(tokenizer, pairs, cfg.batch_size, inputs.max_length, adapter.device,
@@ -154,7 +160,7 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
 
     payload = {
         "schema_version": 1, "command": "attribute", "model": inputs.model, "layer": inputs.layer,
-        "space": "residual" if sae is None else "sae", "sae": None if inputs.sae is None else str(inputs.sae),
+        "space": "residual" if sae is None else "sae", "sae": None if inputs.sae is None else str(inputs.sae), "sae_seed": sae_seed,
         "n_units": int(mean.size), "metric": METRIC_TEXT, "positions": cfg.positions,
         "prompts": list(inputs.prompts), "split": inputs.split, "seed": inputs.seed, "n_pairs": len(pairs),
         "pairs": [{"clean": c.id, "clean_category": c.category, "corrupt": b.id} for c, b in pairs],

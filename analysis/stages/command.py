@@ -16,6 +16,7 @@ new flag.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import sys
 import types
@@ -25,8 +26,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-"""Exceptions that mean "bad input": one `error:` line, exit status 2."""
+BAD_INPUT = (ValueError, OSError)
+"""Exceptions that mean bad input or an unusable path (missing, not writable, a file where a folder
+goes, a full disk): one `error:` line, exit status 2."""
+
+_OS_ERRORS = {
+    errno.EEXIST: "cannot create the folder {path}: a file of that name exists",
+    errno.ENOTDIR: "cannot use {path}: part of that path is a file, not a folder",
+    errno.EISDIR: "{path} is a folder; a file was expected",
+    errno.EACCES: "cannot write {path}: permission denied (choose an output location you can write)",
+    errno.EPERM: "cannot write {path}: operation not permitted (choose an output location you can write)",
+    errno.EROFS: "cannot write {path}: the file system is read-only",
+    errno.ENOSPC: "no space left on the device while writing {path}",
+    errno.ENOENT: "no such file or folder: {path}",
+}
+
+
+def error_text(exc: BaseException) -> str:
+    """The one-line message of a bad-input exception (an OS error names the path and what is wrong)."""
+    if isinstance(exc, OSError) and exc.errno in _OS_ERRORS and exc.filename is not None:
+        return _OS_ERRORS[exc.errno].format(path=exc.filename)
+    return _one_line(exc)
 
 
 @dataclass(frozen=True)
@@ -43,7 +63,7 @@ class Command:
     renamed: Mapping[str, Sequence[str]] = field(default_factory=dict)  # old flag -> new tokens
     positional: str | None = None  # an inputs field that also takes leading bare arguments
     extend: Callable[[Any], None] | None = None  # adds extra flag groups (train: --trainer.*)
-    old_sections: Mapping[str, str] = field(default_factory=dict)  # old YAML section -> hint
+    old_sections: Mapping[str, str] = field(default_factory=dict)  # old YAML section (or dotted key) -> hint
 
 
 # --- dataclass introspection ---------------------------------------------------------------------
@@ -165,6 +185,18 @@ def _resolve_key(cmd: Command, key: str, flags: Mapping[str, str]) -> str:
     return key  # unknown: the parser names it
 
 
+def resolve_config_names(argv: Sequence[str]) -> list[str]:
+    """`-c NAME` of a config file that does not exist → the bundled config of that name, if any
+    (`analysis.bundled`: `-c quickstart` or `-c configs/quickstart.yaml` work outside the repository)."""
+    from analysis.bundled import resolve_config_path
+
+    out = list(argv)
+    for i, token in enumerate(out[:-1]):
+        if token in ("-c", "--config"):
+            out[i + 1] = resolve_config_path(out[i + 1])
+    return out
+
+
 def check_config_file(cmd: Command, argv: Sequence[str]) -> None:
     """Stop with one line when a `-c` YAML file uses a section this version renamed."""
     import yaml
@@ -181,8 +213,12 @@ def check_config_file(cmd: Command, argv: Sequence[str]) -> None:
             if not isinstance(data, dict):
                 raise ValueError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
             for old, hint in cmd.old_sections.items():
-                if old in data:
-                    raise ValueError(f"config file {path}: section '{old}' {hint}")
+                node: Any = data
+                for part in old.split("."):
+                    node = node.get(part) if isinstance(node, dict) else None
+                if node is not None:
+                    what = "key" if "." in old else "section"
+                    raise ValueError(f"config file {path}: {what} '{old}' {hint}")
 
 
 # --- parser, parse, run --------------------------------------------------------------------------
@@ -221,6 +257,10 @@ def _friendly(cmd: Command, message: str) -> str:
     if match:
         known = sorted({k.split(".")[0] for k in flags})
         return f"unknown config key '{match.group(1)}' (known: {', '.join(known)})"
+    match = re.search(r'Parser key "([\w.]+)": Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)$', message)
+    if match:
+        key, choices, value = match.groups()
+        return f"--{key} must be one of {choices.replace(chr(39), '')}; got {value!r}"
     match = re.search(r"unrecognized arguments: (\S+)", message)
     if match:
         return f"unknown option {match.group(1)} (`refusal-sae {cmd.name} --help` lists the options)"
@@ -231,7 +271,7 @@ def parse(cmd: Command, argv: Sequence[str]) -> tuple[Any, Any, dict[str, Any]]:
     """`(config object or None, inputs object, extras)` from the command line; bad input raises ValueError."""
     from jsonargparse import ArgumentError
 
-    argv = translate_argv(cmd, argv)
+    argv = resolve_config_names(translate_argv(cmd, argv))
     check_config_file(cmd, argv)
     parser = build_parser(cmd)
     try:
@@ -268,18 +308,41 @@ def record_config(inputs: Any, resolved: str) -> Path | None:
     return write_text_atomic(target, resolved)
 
 
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".html", ".yaml", ".txt")
+"""An `--out` with one of these suffixes is a file; any other is a folder."""
+
+
+def check_output(out: Path) -> None:
+    """Stop before any work when `--out` cannot be written: a file where a folder goes, or a place
+    this process may not write (probed by creating and removing a temporary file)."""
+    import tempfile
+
+    folder = out.parent if out.suffix.lower() in FILE_SUFFIXES else out
+    ancestor = next(p for p in (folder, *folder.parents) if p.exists())
+    if not ancestor.is_dir():
+        where = "is an existing file" if ancestor == out else f"lies inside {ancestor}, which is a file"
+        raise NotADirectoryError(f"output {'folder ' if folder == out else 'file '}{out} {where}; pass another --out")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(folder)) from None
+
+
 def run_command(cmd: Command, argv: Sequence[str] | None = None) -> int:
     """Parse, run and show one command; returns the exit status (0 ok, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg, inputs, extras = parse(cmd, argv)
         resolved = extras.pop("_resolved")
+        if getattr(inputs, "out", None) is not None:
+            check_output(Path(inputs.out))
         result = cmd.run(cfg, inputs, **extras)
         record_config(inputs, resolved)
     except SystemExit as exc:  # --help / --print_config
         return int(exc.code or 0) if isinstance(exc.code, int) else 0
     except BAD_INPUT as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {error_text(exc)}", file=sys.stderr)
         return 2
     cmd.show(inputs, result)
     return 0

@@ -5,8 +5,9 @@
   `--model_dtype`, `--max_length`, `--chat_template`).
 - `load_records(specs, split, seed)`: the prompts of one split of a prompt set.
 - `load_target(model, tokens, device, dtype)`: a refusal-token model, its tokenizer and token spec.
-- `load_seed_sae(folder, layer, d_model, device)`: one exported SAE folder (`RUN/seed_<s>/`) and its
-  seed, checked by `sae.export.load_checked_sae`; a whole training run is refused.
+- `load_seed_sae(folder, layer, d_model, device, seed)`: one SAE from a seed's folder or a training run
+  folder (then `seed`, default its first), checked by `sae.export.load_checked_sae`;
+  `features_seed(features)`: the seed a features.json was selected on (steer picks that seed).
 - `rate_text(entry)`: `0.25 [0.08, 0.55]` for a `{rate, ci, n}` dict.
 """
 from __future__ import annotations
@@ -75,24 +76,43 @@ def load_target(model: str, tokens: str | None, device: str = "auto", dtype: str
     return loaded, tokenizer, spec
 
 
-def load_seed_sae(folder: str | Path, layer: int, d_model: int, device: str = "cpu") -> tuple[Any, int]:
-    """`(sae, seed)` of one exported SAE folder, checked against `layer` and `d_model`.
+def load_seed_sae(folder: str | Path, layer: int, d_model: int, device: str = "cpu",
+                  model: dict[str, Any] | None = None, seed: int | None = None) -> tuple[Any, int]:
+    """`(sae, seed)` of one SAE, checked against `layer`, `d_model` and the identity record `model` of
+    the loaded model (`activations.model_identity`) when given: a seed's folder, or a training run
+    folder (`RUN/seed_<s>/` inside) and the `seed` to take from it.
 
-    The seed is the one recorded at export, else the `seed_<s>` folder name, else 0
-    (`sae.export.seed_folders`). A training run folder (`RUN/seed_<s>/` inside) is refused: the
-    latent ids of a features.json belong to one seed.
+    With a run folder and no `seed` the run's first seed is used (a note names it). A seed's own
+    folder must hold `seed` when one is given (the seed recorded at export, else its `seed_<s>`
+    name, else 0: `sae.export.seed_folders`).
     """
-    from sae.export import load_checked_sae, seed_folders
+    import sys
+
+    from sae.export import CFG_NAME, load_checked_sae, seed_folders
 
     path = Path(folder)
     if not path.is_dir():
         raise FileNotFoundError(f"SAE folder not found: {path}")
     folders = seed_folders(path)
-    if list(folders.values()) != [path]:
-        raise ValueError(f"{path} is an SAE training run; pass one seed's folder, e.g. {next(iter(folders.values()))}")
-    seed = next(iter(folders))
-    sae, _ = load_checked_sae(path, layer, d_model, device, against="the model")
+    is_run = not (path / CFG_NAME).is_file()
+    if seed is None:
+        seed = next(iter(folders))
+        if is_run and len(folders) > 1:
+            print(f"note: SAE run {path} has seeds {sorted(folders)}; using seed {seed} (pick one with its "
+                  "features.json or --sae_seed)", file=sys.stderr)
+    elif seed not in folders:
+        what = "SAE run" if is_run else "SAE folder"
+        raise ValueError(f"{what} {path} has seed(s) {sorted(folders)}, not seed {seed}")
+    sae, _ = load_checked_sae(folders[seed], layer, d_model, device, against="the model", model=model)
     return sae, seed
+
+
+def features_seed(features: str | Path) -> int | None:
+    """The SAE seed a features.json (or a selection folder's) was selected on, or None when unrecorded."""
+    from probes.selection import read_features
+
+    seed = (read_features(features, space=None).get("meta") or {}).get("sae_seed")
+    return None if seed is None else int(seed)
 
 
 def rate_text(entry: dict[str, Any] | None, digits: int = 2) -> str:

@@ -68,6 +68,13 @@ class RunContext:
             return str(self.root.joinpath(*REFUSAL_MODEL_DIR))
         return self.cfg.model
 
+    def model_label(self, which: str = "target") -> str:
+        """The model's name in records: `cfg.model`, or `RUN/refusal_tokens/model` for the model this
+        run fitted (no absolute path, so a run folder can be moved)."""
+        if which != "base" and self.cfg.refusal_tokens.enabled:
+            return "/".join(("RUN", *REFUSAL_MODEL_DIR))
+        return self.cfg.model
+
     def model(self, which: str = "target") -> tuple[Any, Any]:
         """`(model, tokenizer)` of the base model (`cfg.model`) or the target model, cached."""
         if which not in self._models:

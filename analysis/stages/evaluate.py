@@ -112,13 +112,13 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     reference_seed = next(iter(models))
 
     logits = first_token_logits(setup.model, setup.tokenizer, [r.text for r in records], setup.spec,
-                                batch_size=setup.batch_size, max_length=setup.max_length, progress=True)
+                                batch_size=setup.batch_size, max_length=setup.max_length, progress=True,
+                                cache=setup.block_cache, desc="condition baseline")
     results = {"baseline": build_results(records, first_token_decisions(logits), refusal_log_odds(logits))}
     gate_log: dict[str, Any] = {}
 
     def run_plan(name: str, plan: Plan) -> None:
-        print(f"  condition {name}", flush=True)
-        results[name] = run_refusal(setup, records, plan)
+        results[name] = run_refusal(setup, records, plan, progress=True, desc=f"condition {name}")
 
     run_plan("steer_toward", Plan.uniform(vectors["global"], cfg.alpha, n))
     run_plan("steer_away", Plan.uniform(vectors["global"], -cfg.alpha, n))
@@ -140,15 +140,17 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     ablated = {seed: selected_union(ctx, seed) for seed in models}
     for seed, sae in models.items():
         ids = ablated[seed]
-        print(f"  condition ablate (seed {seed}, {len(ids)} features)", flush=True)
         context = lambda rows_, sae=sae, ids=ids: ablate_features(adapter, ctx.layer, sae, ids)  # noqa: E731
-        ablate_by_seed[seed] = run_refusal(setup, records, context=context)
+        ablate_by_seed[seed] = run_refusal(setup, records, context=context, progress=True,
+                                           desc=f"condition ablate (seed {seed}, {len(ids)} features)")
     results["ablate"] = ablate_by_seed[reference_seed]
 
     sweep = []
     for alpha in cfg.alphas:
         for sign, name in ((1, "steer_toward"), (-1, "steer_away")):
-            found = results[name] if alpha == cfg.alpha else run_refusal(setup, records, Plan.uniform(vectors["global"], sign * alpha, n))
+            found = results[name] if alpha == cfg.alpha else run_refusal(
+                setup, records, Plan.uniform(vectors["global"], sign * alpha, n), progress=True,
+                desc=f"sweep {name} {alpha:g}")
             table = refusal_table(found)
             sweep.append({"condition": name, "strength": alpha, "over_refusal": table["over_refusal"],
                           "harmful": table["harmful_refusal"]})
@@ -157,7 +159,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     sufficiency = {}
     for category in REFUSAL_CATEGORIES:
         subset = [records[i] for i in benign_rows]
-        steered = run_refusal(setup, subset, Plan.uniform(vectors[category], cfg.alpha, len(subset)))
+        steered = run_refusal(setup, subset, Plan.uniform(vectors[category], cfg.alpha, len(subset)), progress=True,
+                              desc=f"sufficiency {category}")
         chosen = np.array([r.decision == category for r in steered])
         sufficiency[category] = {"refusal": refusal_table(steered)["over_refusal"],
                                  "decided_category": _rate(chosen)}
@@ -204,9 +207,9 @@ def evaluate_capabilities(ctx: RunContext, cfg: Config, setup: Any, global_vecto
                 return contextlib.nullcontext()
             return steer(adapter, ctx.layer, vector, alpha, positions="all")
 
-        print(f"  capability {name}", flush=True)
         out[name] = evaluate_capability(setup.model, setup.tokenizer, tasks, make_context=make_context,
-                                        batch_size=setup.batch_size, max_new_tokens=48)
+                                        batch_size=setup.batch_size, max_new_tokens=48, progress=True,
+                                        desc=f"capability {name}")
     return out
 
 

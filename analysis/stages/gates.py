@@ -128,7 +128,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     vectors = residual_vectors(ctx)
     extract, _ = split_rows(ctx, "extract")
     calibrate, cal_records = split_rows(ctx, "calibrate")
-    baseline = run_refusal(setup, cal_records, progress=True)
+    baseline = run_refusal(setup, cal_records, progress=True, desc="calibrate baseline")
     grid = DistanceGrid(t_low=tuple(cfg.distance_t_low), t_high=tuple(cfg.distance_t_high), alpha_toward=(alpha,),
                         alpha_away=(alpha,), partial=tuple(cfg.distance_partial))
     distance, report = tune_distance_gate(

@@ -48,10 +48,9 @@ class Inputs(ModelOptions):
 def harvest_records(model: Any, tokenizer: Any, records: list, layers: list[int], out: Path, cfg: Config,
                     options: ModelOptions, positions: str, model_name: str | None = None, **kwargs: Any) -> Path:
     """One harvest with the stage's options (the single call both the command and the pipeline make)."""
-    from activations.harvest import harvest
-    from activations.model_loading import model_info
+    from activations.harvest import default_model_info, harvest
 
-    info = None if model_name is None else model_info(model, model_name)
+    info = default_model_info(model, model_name)
     return harvest(model, tokenizer, records, layers, out, positions=positions, batch_size=cfg.batch_size,
                    max_length=options.max_length, dtype=cfg.storage_dtype, chat_template=options.chat_template,
                    rows_per_shard=cfg.rows_per_shard, model_info=info, **kwargs)
@@ -94,12 +93,22 @@ COMMAND = Command(
 # --- pipeline ------------------------------------------------------------------------------------
 
 def _harvest(ctx: RunContext, which: str, records: list, layers: list[int], positions: str, out: Path) -> dict[str, Any]:
+    """One store of the run; a store of another harvest config in its place is replaced."""
+    import shutil
+    import sys
+
     from activations.store import ActivationStore
+    from activations.store.write import HarvestMismatch
 
     model, tokenizer = ctx.model(which)
-    name = ctx.cfg.model if which == "base" else ctx.target_model_path
-    harvest_records(model, tokenizer, records, layers, out, ctx.cfg.harvest, ctx.cfg, positions, model_name=name,
-                    progress=True)
+    try:
+        harvest_records(model, tokenizer, records, layers, out, ctx.cfg.harvest, ctx.cfg, positions,
+                        model_name=ctx.model_label(which), progress=True)
+    except HarvestMismatch as exc:  # the config changed since this store was written: harvest it afresh
+        print(f"note: {exc}; harvesting {out} afresh", file=sys.stderr, flush=True)
+        shutil.rmtree(out)
+        harvest_records(model, tokenizer, records, layers, out, ctx.cfg.harvest, ctx.cfg, positions,
+                        model_name=ctx.model_label(which), progress=True)
     store = ActivationStore(out)
     return {"rows": store.n_rows, "layers": store.layers, "manifest_sha256": file_sha256(out / "manifest.json")[:16]}
 

@@ -243,7 +243,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     out = ctx.root.joinpath(*REFUSAL_MODEL_DIR)
     save_refusal_token_model(model, tokenizer, spec, out, report)
     ctx.forget_model("target")
-    return {"model_dir": str(out), "C": report.C, "calibrate": report.calibrate, "seconds": report.seconds}
+    return {"model_dir": "/".join(REFUSAL_MODEL_DIR), "C": report.C, "calibrate": report.calibrate, "seconds": report.seconds}
 
 
 def target_spec(ctx: RunContext) -> Any:

@@ -213,7 +213,8 @@ def run_selection(
             raise ValueError(f"SAE seed {sae_seed} has d_in {sae.d_in} but the activation store has d_model {store.d_model}")
     out = Path(out_dir)
     space = "residual" if saes is None else "sae"
-    base = {"model": model_name(store), "layer": layer, "space": space, "store": str(store.directory)}
+    base = {"model": model_name(store), "layer": layer, "space": space, "store": str(store.directory),
+            "model_identity": store.manifest.get("model")}
     runs: dict[str, Any] = {}
     reference: dict[str, Any] | None = None
     if saes is None:
@@ -280,7 +281,8 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
     if inputs.space == "sae":
         if inputs.sae is None:
             raise ValueError("--space sae needs --sae RUN (or use --space residual)")
-        saes = load_sae_run(inputs.sae, inputs.layer, store.d_model, inputs.seeds, resolve_device(inputs.device))
+        saes = load_sae_run(inputs.sae, inputs.layer, store.d_model, inputs.seeds, resolve_device(inputs.device),
+                            model=store.manifest.get("model"))
     elif inputs.sae is not None:
         print(f"note: --space residual ignores --sae {inputs.sae}", file=sys.stderr)
     return run_selection(store, inputs.layer, saes, inputs.out, cfg, seed=inputs.seed,

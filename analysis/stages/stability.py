@@ -162,7 +162,8 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
     if inputs.layer not in store.layers:
         raise ValueError(f"layer {inputs.layer} is not in the store {store.directory}; available layers: {store.layers}")
     seeds = None if inputs.seeds is None else sorted(set(inputs.seeds))
-    saes = load_sae_run(inputs.sae, inputs.layer, store.d_model, seeds, resolve_device(inputs.device))
+    saes = load_sae_run(inputs.sae, inputs.layer, store.d_model, seeds, resolve_device(inputs.device),
+                        model=store.manifest.get("model"))
     if cfg.min_seeds is not None and not 1 <= cfg.min_seeds <= len(saes):
         raise ValueError(f"--stability.min_seeds must be in [1, {len(saes)}], got {cfg.min_seeds}")
     stability = stability_summary(saes, inputs.select, layer=inputs.layer, min_seeds=cfg.min_seeds)

@@ -4,7 +4,7 @@ Example::
 
     refusal-sae steer --model runs/pipe/refusal_model/model --vectors runs/vectors/residual \
         --vector global --layer 9 --prompts builtin:quickstart --split eval --steer.alphas 2 4 8 \
-        --ablate_sae runs/sae/seed_0 --features runs/select/seed_0/features.json --out runs/steer.json
+        --ablate_sae runs/sae --features runs/select/seed_0/features.json --out runs/steer.json
 
 Refusal is the model's refusal-token decision on its first response token (spec from
 `MODEL/refusal_tokens.json`, or `--tokens`). Conditions: `baseline`; `steer+A` and `steer-A` for each
@@ -16,7 +16,6 @@ A of `--steer.alphas` (adding ±A · v at `--layer` on every position, or `--ste
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,9 +59,10 @@ class Inputs(TargetInputs):
         vectors: vector-set folder (e.g. VECTORS/residual).
         vector: name of the vector in the set (e.g. global, safety).
         layer: block whose output is steered.
-        ablate_sae: one exported SAE folder (RUN/seed_<s>): adds the ablation condition.
-        features: features.json of that SAE seed (`refusal-sae select`; a folder means its
-            features.json): the latents to ablate.
+        ablate_sae: SAE training run folder (then the seed the features were selected on) or one
+            seed's folder (RUN/seed_<s>): adds the ablation condition.
+        features: features.json of `refusal-sae select` (a selection folder means its reference
+            features.json, seed_<s>/features.json one seed's): the latents to ablate.
         out: output JSON.
     """
 
@@ -86,8 +86,10 @@ def condition_name(alpha: float) -> str:
     return f"steer{'-' if alpha < 0 else '+'}{abs(alpha):g}"
 
 
-def load_vector(directory: Path, name: str, layer: int, d_model: int) -> Any:
-    """The named `SteeringVector` of a vector set, checked against the layer and the model's d_model."""
+def load_vector(directory: Path, name: str, layer: int, d_model: int, model: dict[str, Any] | None = None) -> Any:
+    """The named `SteeringVector` of a vector set, checked against the layer, the model's d_model and
+    (given its identity record `model`) the model whose activations it was made from."""
+    from activations.model_identity import check_same_model
     from probes.vectors import VectorSet
 
     if not directory.is_dir():
@@ -100,14 +102,17 @@ def load_vector(directory: Path, name: str, layer: int, d_model: int) -> Any:
         raise ValueError(f"steering vector {name!r} of {directory} is for layer {vector.layer}, not layer {layer}")
     if vector.d_model != d_model:
         raise ValueError(f"steering vector {name!r} has d_model {vector.d_model} but the model's is {d_model}")
+    check_same_model(vector.meta.get("model_identity"), f"steering vector {name!r} of {directory}", model, "the model")
     return vector
 
 
-def ablated_feature_ids(features: Path, layer: int, d_sae: int, sae_seed: int) -> list[int]:
-    """Sorted union of the refusal categories' selected latents in `features` (checked: layer, seed, width)."""
+def ablated_feature_ids(features: Path, layer: int, d_sae: int, sae_seed: int,
+                        model: dict[str, Any] | None = None) -> list[int]:
+    """Sorted union of the refusal categories' selected latents in `features` (checked: layer, seed,
+    width, model)."""
     from probes.selection import read_features, refusal_feature_ids
 
-    data = read_features(features, layer=layer, sae_seed=sae_seed, d_sae=d_sae)
+    data = read_features(features, layer=layer, sae_seed=sae_seed, d_sae=d_sae, model=model)
     ids = refusal_feature_ids(data)
     if ids[0] < 0 or ids[-1] >= d_sae:
         bad = ids[-1] if ids[-1] >= d_sae else ids[0]
@@ -119,10 +124,11 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
     """Load model, vector, prompts (and SAE); evaluate every condition; write and return the results."""
     from activations.adapter import ModelAdapter
     from activations.io import write_json
+    from activations.model_identity import model_identity
     from analysis.evaluation.conditions import EvalSetup, Plan, refusal_table
     from analysis.evaluation.refusal import compare_conditions, evaluate_refusal
     from analysis.interventions.ablation import ablate_features
-    from analysis.stages.common import load_records, load_seed_sae, load_target
+    from analysis.stages.common import features_seed, load_records, load_seed_sae, load_target
 
     if (inputs.ablate_sae is None) != (inputs.features is None):
         raise ValueError("--ablate_sae and --features go together (the SAE and the features selected on it)")
@@ -130,12 +136,17 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
     model, tokenizer, spec = load_target(inputs.model, inputs.tokens, inputs.device, inputs.resolved_dtype)
     adapter = ModelAdapter(model)
     adapter.check_layer(inputs.layer)
-    vector = load_vector(inputs.vectors, inputs.vector, inputs.layer, adapter.d_model)
+    identity = model_identity(model, inputs.model)
+    vector = load_vector(inputs.vectors, inputs.vector, inputs.layer, adapter.d_model, identity)
     setup = EvalSetup(model, tokenizer, spec, inputs.layer, cfg.positions, cfg.batch_size, inputs.max_length)
     ablated: list[int] = []
     if inputs.ablate_sae is not None:
-        sae, sae_seed = load_seed_sae(inputs.ablate_sae, inputs.layer, adapter.d_model, str(adapter.device))
-        ablated = ablated_feature_ids(inputs.features, inputs.layer, sae.d_sae, sae_seed)
+        from sae.export import CFG_NAME
+
+        is_run = not (Path(inputs.ablate_sae) / CFG_NAME).is_file()  # a run: take the features' seed from it
+        sae, sae_seed = load_seed_sae(inputs.ablate_sae, inputs.layer, adapter.d_model, str(adapter.device), identity,
+                                      seed=features_seed(inputs.features) if is_run else None)
+        ablated = ablated_feature_ids(inputs.features, inputs.layer, sae.d_sae, sae_seed, identity)
 
     n = len(records)
     conditions = [{"name": "baseline", "kind": "baseline", "alpha": 0.0}]
@@ -148,7 +159,6 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
 
     results = {}
     for cond in conditions:
-        print(f"condition {cond['name']} ({n} prompts)", file=sys.stderr, flush=True)
         if cond["kind"] == "baseline":
             context = None
         elif cond["kind"] == "steer":
@@ -157,7 +167,8 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
             context = zeroed
         results[cond["name"]] = evaluate_refusal(
             model, tokenizer, records, spec=spec, make_context=context, batch_size=cfg.batch_size,
-            chat_template=inputs.chat_template, max_length=inputs.max_length, progress=sys.stderr.isatty())
+            chat_template=inputs.chat_template, max_length=inputs.max_length, progress=True,
+            desc=f"condition {cond['name']}")
 
     payload = {
         "schema_version": 1, "command": "steer", "model": inputs.model, "layer": inputs.layer,

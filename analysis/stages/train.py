@@ -1,7 +1,7 @@
 """The `train` stage: top-K SAEs (one per seed) on one layer of an activation store, with Lightning.
 
     refusal-sae train -c configs/sae/smollm2.yaml --train.seeds 0 1 2 --train.steps 500
-    refusal-sae train -c configs/sae/smollm2.yaml --ckpt_path last       # resume a killed run
+    refusal-sae train -c configs/sae/smollm2.yaml --ckpt_path fresh      # discard OUT's run, start again
     refusal-sae train --acts checkpoints/acts --layer 10 --out checkpoints/sae --trainer.devices 2 \
         --trainer.strategy seed_parallel
 
@@ -9,7 +9,10 @@ Every field of `sae.config.TrainConfig` is a flag under `--train.` (`--train.sae
 `--train.optim.lr 1e-4`, `--train.data.batch_size 4096`) and a key of the pipeline's `train:`
 section; any other `lightning.Trainer` argument passes through as `--trainer.<name>` (accelerator,
 devices, strategy, precision, ...). The run folder gets `seed_<s>/` SAELens exports, `metrics.json`,
-CSV logs and `ckpt/last.ckpt`. In the pipeline the stage trains on `RUN/harvest/all` and writes `RUN/train/`.
+CSV logs and `ckpt/last.ckpt`. Rerunning the same command after an interruption resumes it exactly
+from its newest checkpoint; a folder holding a run of another config is refused (naming the keys
+that differ) unless `--ckpt_path fresh`. In the pipeline the stage trains on `RUN/harvest/all` and
+writes `RUN/train/`; a changed `train:` section starts it afresh.
 """
 from __future__ import annotations
 
@@ -37,14 +40,15 @@ class Inputs:
         acts: activation store folder (harvest output).
         layer: block index to train on (must be in the store).
         out: run folder (exports, logs, ckpt/).
-        ckpt_path: None, "last" (resume `OUT/ckpt/last.ckpt` when it exists) or a .ckpt file.
+        ckpt_path: auto (resume OUT's newest checkpoint when it is of this config; `last` is the
+            same), fresh (discard OUT's run and start at step 0) or a checkpoint file.
         print_table: print the final metrics table.
     """
 
     acts: Path
     layer: int
     out: Path
-    ckpt_path: str | None = None
+    ckpt_path: str = "auto"
     print_table: bool = True
 
 
@@ -85,6 +89,7 @@ def _renamed() -> dict[str, list[str]]:
         "out_dir": ["--out"], "data.shards_dir": ["--acts"], "data.layer": ["--layer"],
         "trainer.max_steps": ["--train.steps"], "trainer.log_every_n_steps": ["--train.log_every_n_steps"],
         "model.seeds": ["--train.seeds"], "seeds": ["--train.seeds"], "logger": ["--train.logger"],
+        "trainer.logger": ["--train.logger"],  # the train config owns the loggers (csv | wandb | tensorboard)
         "ckpt_every": ["--train.ckpt_every"], "wandb_project": ["--train.wandb_project"],
     }
     renamed.update({f"model.{f.name}": [f"--train.optim.{f.name}"] for f in dataclasses.fields(OptimConfig)})
@@ -99,7 +104,8 @@ COMMAND = Command(
     show=show, config=Config, section=NAME, renamed=_renamed(), extend=add_trainer_args,
     old_sections={"model": "is now 'train' (seeds, sae, optim) — see configs/sae/smollm2.yaml",
                   "data": "is now 'train.data', with shards_dir → acts and layer → layer at the top level",
-                  "out_dir": "is now 'out'"},
+                  "out_dir": "is now 'out'",
+                  "trainer.logger": "is set by 'train.logger' (csv | wandb | tensorboard): the train config owns the loggers"},
 )
 
 
@@ -114,7 +120,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     out = ctx.stage_dir(NAME)
     accelerator = "gpu" if ctx.device.startswith("cuda") else "cpu"
     train_saes(store_dir(ctx, "all"), ctx.layer, out, cfg, trainer={"accelerator": accelerator, "devices": 1},
-               ckpt_path="last", print_table=False)
+               ckpt_path="auto", on_mismatch="fresh", print_table=False)
     return {"metrics": read_json(out / "metrics.json", "SAE run metrics")}
 
 

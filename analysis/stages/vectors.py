@@ -127,9 +127,9 @@ def load_seed_features(path: str | Path, seeds: Sequence[int], layer: int | None
 
 
 def _restriction(features: Mapping[str, Any], seed: int, layer: int, d_sae: int,
-                 categories: Sequence[str]) -> dict[str, list[int]]:
-    """Per category, the latent ids features.json selected; checks space, layer, seed and width."""
-    check_features(features, layer=layer, sae_seed=seed, d_sae=d_sae)
+                 categories: Sequence[str], model: Mapping[str, Any] | None = None) -> dict[str, list[int]]:
+    """Per category, the latent ids features.json selected; checks space, layer, seed, width and model."""
+    check_features(features, layer=layer, sae_seed=seed, d_sae=d_sae, model=model, against="the activation store")
     return class_feature_ids(features, categories)
 
 
@@ -178,15 +178,15 @@ def build_vectors(
     for seed, sae in (saes or {}).items():
         if sae.d_in != store.d_model:
             raise ValueError(f"SAE seed {seed} has d_in {sae.d_in} but the activation store has d_model {store.d_model}")
-    model, out = model_name(store), Path(out_dir)
+    model, out, identity = model_name(store), Path(out_dir), store.manifest.get("model")
 
     residual = residual_steering_vectors(rows, layer, model, categories)
     global_vector = global_refusal_vector(rows, layer, model, categories)
-    VectorSet({**residual, "global": global_vector}).save(out / "residual")
+    _tagged({**residual, "global": global_vector}, identity).save(out / "residual")
     lowrank = fit_lowrank_combination(rows, dict(residual), rank=cfg.lowrank_rank, eps=cfg.eps,
                                       refusal_categories=categories, mixing=cfg.mixing)
     lowrank_vector = lowrank.to_steering_vector(layer, model)
-    VectorSet({"lowrank": lowrank_vector}).save(out / "lowrank")
+    _tagged({"lowrank": lowrank_vector}, identity).save(out / "lowrank")
 
     report: dict[str, Any] = {
         "schema_version": 1, "stage": "vectors", "model": model, "layer": layer, "store": str(store.directory),
@@ -206,14 +206,21 @@ def build_vectors(
     filters = {"tau": cfg.tau, "top_k": cfg.top_k, "shared_frequency": cfg.shared_frequency,
                "fire_threshold": cfg.fire_threshold}
     for seed, sae in (saes or {}).items():
-        restrict = None if features is None else _restriction(_seed_entry(features, seed), seed, layer, sae.d_sae, categories)
+        restrict = None if features is None else _restriction(_seed_entry(features, seed), seed, layer, sae.d_sae,
+                                                              categories, identity)
         vectors, seed_report = _sae_vectors(rows, sae, seed, layer, model, restrict, categories, filters, residual,
                                               cfg.batch_size)
         if vectors is not None:
-            vectors.save(out / f"sae_seed{seed}")
+            _tagged(dict(vectors.items()), identity).save(out / f"sae_seed{seed}")
         report["sae"][f"seed_{seed}"] = {**seed_report, "dir": None if vectors is None else str(out / f"sae_seed{seed}")}
     write_json(out / REPORT_NAME, report)
     return report
+
+
+def _tagged(vectors: Mapping[str, SteeringVector], identity: Mapping[str, Any] | None) -> VectorSet:
+    """The vectors with the store's model identity in their meta (checked where they are applied)."""
+    return VectorSet({name: SteeringVector(v.vector, v.layer, {**v.meta, "model_identity": identity})
+                      for name, v in vectors.items()})
 
 
 def _seed_entry(features: Mapping[int, Mapping[str, Any]], seed: int) -> Mapping[str, Any]:
@@ -257,7 +264,7 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
         raise ValueError("--features needs --sae (the features are SAE latents)")
     store = open_store(inputs.acts)
     saes = None if inputs.sae is None else load_sae_run(inputs.sae, inputs.layer, store.d_model, inputs.seeds,
-                                                         resolve_device(inputs.device))
+                                                         resolve_device(inputs.device), model=store.manifest.get("model"))
     features = None if inputs.features is None else load_seed_features(inputs.features, list(saes or {}), inputs.layer)
     return build_vectors(store, inputs.layer, saes, features, inputs.out, cfg,
                          sae_run=None if inputs.sae is None else str(inputs.sae))

@@ -154,8 +154,10 @@ def test_steer_baseline_alphas_and_ablation(world, tmp_path, capsys):
     out = tmp_path / "steer.json"
     argv = steer_argv(world, out, "--alpha", 0, 50, "--ablate-sae", world / "sae" / "seed_0",
                       "--features", world / "select" / "seed_0" / "features.json")
-    code, printed, _ = call(steer_main, argv, capsys)
+    code, printed, err = call(steer_main, argv, capsys)
     assert code == 0 and out.is_file() and "steer+50" in printed and "McNemar" in printed
+    for name in ("baseline", "steer+50", "steer-50", "ablate"):  # one bar per condition, on stderr
+        assert any(line.startswith(f"condition {name}: 100%") for line in err.splitlines()), (name, err)
     result = json.loads(out.read_text())
     assert [c["name"] for c in result["conditions"]] == ["baseline", "steer+0", "steer+50", "steer-50", "ablate"]
     assert result["n"] == 14 and result["split"] == "eval"
@@ -180,8 +182,22 @@ def test_steer_baseline_alphas_and_ablation(world, tmp_path, capsys):
     assert all(r["decision"] is not None for r in result["rows"]["ablate"])
 
 
+def test_steer_takes_a_run_folder_and_ablates_the_features_seed(world, tmp_path, capsys):
+    out = tmp_path / "steer.json"
+    features = world / "select" / "seed_1" / "features.json"
+    argv = steer_argv(world, out, "--alpha", 0, "--ablate-sae", world / "sae", "--features", features)
+    code, _, _ = call(steer_main, argv, capsys)
+    assert code == 0
+    result = json.loads(out.read_text())
+    selected = json.loads(features.read_text())["per_class"]
+    assert result["ablate"]["feature_ids"] == sorted({i for c in REFUSAL_CATEGORIES for i in selected[c]["feature_ids"]})
+
+
 def test_steer_errors_exit_2_with_one_line(world, tmp_path, capsys):
     out = tmp_path / "s.json"
+    seed7 = tmp_path / "seed7.json"
+    features = json.loads((world / "select" / "seed_0" / "features.json").read_text())
+    seed7.write_text(json.dumps({**features, "meta": {**features["meta"], "sae_seed": 7}}))
     argv = steer_argv(world, out, "--alpha", 1)
     cases = [
         (with_value(argv, "--model", tmp_path / "missing"), "model folder not found"),
@@ -190,7 +206,7 @@ def test_steer_errors_exit_2_with_one_line(world, tmp_path, capsys):
         (with_value(argv, "--vectors", tmp_path / "novectors"), "vector-set folder not found"),
         (with_value(argv, "--layer", 1), "is for layer 3, not layer 1"),
         ([*argv, "--features", world / "select" / "features.json"], "--ablate_sae and --features go together"),
-        ([*argv, "--ablate-sae", world / "sae", "--features", world / "select"], "is an SAE training run"),
+        ([*argv, "--ablate-sae", world / "sae", "--features", seed7], "has seed(s) [0, 1], not seed 7"),
         ([*argv, "--ablate-sae", world / "sae" / "seed_1", "--features", world / "select" / "seed_0" / "features.json"],
          "selected on SAE seed 0, not on seed 1"),
         ([*argv, "--tokens", "nonsense"], "unknown refusal-token preset"),
@@ -262,6 +278,20 @@ def test_attribute_sae_features(world, tmp_path, capsys):
     assert -1.0 <= result["validation"]["spearman"] <= 1.0
 
 
+def test_every_sae_input_takes_a_run_folder_or_a_seed_folder(world, capsys):
+    from analysis.stages.common import load_seed_sae
+
+    run, seed_1 = world / "sae", world / "sae" / "seed_1"
+    first, seed = load_seed_sae(run, LAYER, 64)
+    assert seed == 0 and "has seeds [0, 1]; using seed 0" in capsys.readouterr().err
+    chosen, seed = load_seed_sae(run, LAYER, 64, seed=1)
+    alone, own = load_seed_sae(seed_1, LAYER, 64)
+    assert seed == own == 1 and torch.equal(chosen.W_dec, alone.W_dec) and not torch.equal(first.W_dec, alone.W_dec)
+    from sae.export import load_sae_run  # select / vectors / stability
+
+    assert sorted(load_sae_run(run, LAYER, 64)) == [0, 1] and list(load_sae_run(seed_1, LAYER, 64)) == [1]
+
+
 def test_attribute_errors_exit_2_with_one_line(world, tmp_path, capsys):
     out = tmp_path / "a.json"
     argv = attribute_argv(world, out, "--n-pairs", 2)
@@ -272,7 +302,7 @@ def test_attribute_errors_exit_2_with_one_line(world, tmp_path, capsys):
         ([*with_value(argv, "--n-pairs", 5), "--categories", "safety"],
          "needs 5 refusal-category (safety) prompts for the clean side, but the extract split has 4"),
         ([*argv, "--validate-top", 2], "validate_top must be 0 (off) or >= 3"),
-        ([*argv, "--sae", world / "sae"], "is an SAE training run"),
+        ([*argv, "--sae", world / "sae", "--sae_seed", 5], "has seed(s) [0, 1], not seed 5"),
         ([*argv, "--sae", tmp_path / "nosae"], "SAE folder not found"),
     ]
     for case, message in cases:

@@ -1,6 +1,8 @@
 """The whole pipeline on a tiny random model and a small prompt subset: schema, consistency, resume."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -49,8 +51,23 @@ def tiny_model_dir(tmp_path_factory, embedded_tokenizer) -> Path:
 def pipeline_run(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("run")
     args = ["-c", "configs/quickstart.yaml", "--out", str(out), "--model", str(tiny_model_dir), *REDUCED]
-    assert pipeline_main(args) == 0
+    log = io.StringIO()  # stderr as a log file sees it (not a terminal)
+    with contextlib.redirect_stderr(log):
+        assert pipeline_main(args) == 0
+    (out.parent / "stderr.log").write_text(log.getvalue())
     return out
+
+
+def test_progress_shows_in_the_log(pipeline_run):
+    log = (pipeline_run.parent / "stderr.log").read_text()
+    assert "\r" not in log
+    lines = log.splitlines()
+    final = [line for line in lines if "100%" in line]
+    train = [line for line in final if line.startswith("train:")]
+    assert train and "20/20" in train[-1] and "loss=" in train[-1] and "fvu=" in train[-1]
+    for name in ("baseline", "steer_toward", "steer_away", "conditional_distance", "ablate (seed 0"):
+        assert any(line.startswith(f"condition {name}") for line in final), name
+    assert any(line.startswith("capability steer_toward") for line in final)
 
 
 def test_summary_schema_and_consistency(pipeline_run):
@@ -123,7 +140,7 @@ def test_unknown_config_key_is_one_clear_error(tmp_path, capsys):
         load_config(bad)
     assert pipeline_main(["-c", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == "error: unknown config key 'train.stepz' (known: " + ", ".join(
-        ["ckpt_every", "data", "log_every_n_steps", "logger", "optim", "sae", "seeds", "steps", "wandb_project"]) + ")"
+        ["ckpt_every", "ckpt_keep", "data", "log_every_n_steps", "logger", "optim", "sae", "seeds", "steps", "wandb_project"]) + ")"
 
 
 def test_old_section_names_fail_naming_the_new_one(tmp_path, capsys):

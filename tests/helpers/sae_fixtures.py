@@ -61,6 +61,15 @@ def write_store(
     return Path(directory)
 
 
+def two_category_store(directory: Path, layer: int = 3) -> Path:
+    """700 rows (d_model 16) of a sparse dictionary: 600 extract rows (benign / safety alternating),
+    100 calibrate rows, 200 rows per shard."""
+    x, _ = sparse_dictionary_data(700, 16, 32, 2, seed=0)
+    categories = ["benign" if i % 2 else "safety" for i in range(700)]
+    splits = ["extract"] * 600 + ["calibrate"] * 100
+    return write_store(directory, x, layer, categories, splits, rows_per_shard=200)
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tiny tensors run fastest (and steadiest on a shared 2-core box) on one thread."""

@@ -19,7 +19,7 @@ from sae.data import ShardDataModule
 from sae.export import load_sae_run
 from sae.losses import NonFiniteLossError
 from sae.train import train_saes
-from tests.helpers.sae_fixtures import one_torch_thread, sparse_dictionary_data, write_store  # noqa: F401
+from tests.helpers.sae_fixtures import one_torch_thread, two_category_store  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 LAYER = 3
@@ -41,10 +41,7 @@ def main(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """700 rows (d_model 16): 600 extract rows of two categories, 100 calibrate rows."""
-    x, _ = sparse_dictionary_data(700, 16, 32, 2, seed=0)
-    categories = ["benign" if i % 2 else "safety" for i in range(700)]
-    splits = ["extract"] * 600 + ["calibrate"] * 100
-    return write_store(tmp_path_factory.mktemp("sae_store") / "store", x, LAYER, categories, splits, rows_per_shard=200)
+    return two_category_store(tmp_path_factory.mktemp("sae_store") / "store", LAYER)
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
