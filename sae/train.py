@@ -12,6 +12,7 @@ from sae.callbacks import RunExport, TrainProgress
 from sae.checkpoints import RunCheckpoints, resume_point, run_identity
 from sae.config import LOGGERS, TrainConfig
 from sae.data import ShardDataModule
+from sae.host_sync import throttle_sigterm_check
 from sae.module import SAELightningModule
 
 
@@ -119,5 +120,6 @@ def train_saes(
         limit_val_batches=0,
         **trainer_kwargs,
     )
+    throttle_sigterm_check(pl_trainer, max(1, cfg.log_every_n_steps))  # no host sync per step (sae/host_sync.py)
     pl_trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True if resume else None)
     return out

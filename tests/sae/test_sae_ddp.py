@@ -46,3 +46,22 @@ def test_ddp_on_two_ranks_equals_one_process_with_the_global_batch(store: Path, 
                                        msg=lambda m: f"seed {seed} {name}: {m}")
     dead = json.loads((two / "metrics.json").read_text())["seeds"]["0"]["dead_fraction"]
     assert dead > 0  # AuxK had dead latents to work on
+
+
+def test_lightnings_per_step_sigterm_broadcast_runs_only_every_n_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-batch SIGTERM broadcast of multi-process runs (a host sync) is kept, every n steps only
+    (the same steps on every rank, so the collectives pair up); the DDP test above runs with it."""
+    import lightning.pytorch as pl
+
+    from sae.host_sync import throttle_sigterm_check
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False)
+    calls: list[int] = []
+    step = [0]
+    monkeypatch.setattr(pl.Trainer, "global_step", property(lambda self: step[0]))
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: calls.append(step[0])
+    assert throttle_sigterm_check(trainer, 5) is True  # this Lightning has the check
+    for step[0] in range(12):
+        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor()
+    assert calls == [0, 5, 10]
+    assert throttle_sigterm_check(trainer, 1) is False
