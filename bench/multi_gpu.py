@@ -59,17 +59,25 @@ def run(name: str, args: argparse.Namespace, scratch: Path, extra: list[str]) ->
     return {"ranks": ranks, "out": out, "wall_s": wall}
 
 
-def weight_diff(a: Path, b: Path, seeds: list[int]) -> float:
-    """Largest relative difference ‖a − b‖ / ‖b‖ over the seeds' exported tensors."""
+def weight_diff(a: Path, b: Path, seeds: list[int], init: Path | None = None) -> float:
+    """Largest relative difference ‖a − b‖ / ‖b‖ over the seeds' exported tensors; with `init` (the
+    weights before step 0, seed 0), ‖a − b‖ / ‖b − init‖: the difference relative to the update."""
     from safetensors.torch import load_file
 
     worst = 0.0
+    start = load_file(str(init)) if init is not None else None
     for seed in seeds:
         ta, tb = load_file(str(a / f"seed_{seed}" / "sae.safetensors")), load_file(str(b / f"seed_{seed}" / "sae.safetensors"))
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             x, y = ta[name].double(), tb[name].double()
-            worst = max(worst, float((x - y).norm() / y.norm().clamp_min(1e-30)))
+            scale = y if start is None else y - start[name].double()
+            worst = max(worst, float((x - y).norm() / scale.norm().clamp_min(1e-30)))
     return worst
+
+
+def scratch_of(result: dict) -> Path:
+    """The scratch folder of a run (its run folder's parent)."""
+    return Path(result["out"]).parent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,8 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-steps", type=int, default=120)
     parser.add_argument("--short-steps", type=int, default=40)
     parser.add_argument("--store", type=Path)
-    parser.add_argument("--parts", nargs="+", default=["speed", "equal", "seeds"], choices=["speed", "equal", "seeds"],
-                        help="speed: (a) act/s; equal: (a) short runs' weights (bf16 and float32); seeds: (b)")
+    parser.add_argument("--parts", nargs="+", default=["speed", "equal", "seeds"],
+                        choices=["speed", "equal", "seeds", "profile"],
+                        help="speed: (a) act/s; equal: (a) short runs' weights (bf16 and float32); seeds: (b); "
+                             "profile: 5 profiled steps of one GPU and of DDP (tables under --logs)")
+    parser.add_argument("--seed-counts", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--profile-runs", nargs="+", default=["one", "ddp"], choices=["one", "ddp", "sp"])
     parser.add_argument("--run-timeout", type=int, default=420)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--logs", type=Path, help="keep each run's output here")
@@ -110,13 +122,24 @@ def main(argv: list[str] | None = None) -> int:
                 r[f"one-{mode}"] = run(f"one-{mode}", args, scratch, ["--batch", b, *steps, "--steps", str(args.steps), *flag])
                 r[f"ddp-{mode}"] = run(f"ddp-{mode}", args, scratch, [*two, "--batch", b, *steps, "--steps", str(args.steps), *flag])
         if "equal" in args.parts:
-            short = ["--streaming", "--warmup", "1", "--steps", str(args.short_steps - 1)]
+            warm = 1 if args.short_steps > 1 else 0
+            short = ["--streaming", "--warmup", str(warm), "--steps", str(args.short_steps - warm)]
             for tag, precision in (("", "bf16-mixed"), ("-fp32", "32-true")):
                 p = ["--precision", precision]
-                r[f"one-short{tag}"] = run(f"one-short{tag}", args, scratch, ["--batch", str(2 * args.batch), *short, *p])
+                init = ["--init-out", str(scratch / f"init{tag}.safetensors")]
+                r[f"one-short{tag}"] = run(f"one-short{tag}", args, scratch, ["--batch", str(2 * args.batch), *short, *p, *init])
+                if tag:  # the float32 run's repeat shows the GPU's own run-to-run rounding
+                    r[f"one-repeat{tag}"] = run(f"one-repeat{tag}", args, scratch, ["--batch", str(2 * args.batch), *short, *p])
                 r[f"ddp-short{tag}"] = run(f"ddp-short{tag}", args, scratch, [*two, "--batch", b, *short, *p])
+        if "profile" in args.parts:
+            for name, extra in (("one-prof", []), ("ddp-prof", two), ("sp-prof", ["--devices", "2", "--strategy", "seed_parallel",
+                                                                                     "--seeds", "0", "1"])):
+                if name.split("-")[0] not in args.profile_runs:
+                    continue
+                logs = (args.logs or scratch.parent / "logs") / f"profile-{name}"
+                r[name] = run(name, args, scratch, [*extra, "--batch", b, "--warmup", "20", "--steps", "5", "--profile", str(logs)])
         if "seeds" in args.parts:
-            for n in (2, 4):
+            for n in args.seed_counts:
                 seeds = ["--seeds", *map(str, range(n))]
                 seed_steps = [*steps, "--steps", str(args.seed_steps)]
                 r[f"one-{n}seeds"] = run(f"one-{n}seeds", args, scratch, ["--batch", b, *seeds, *seed_steps])
@@ -148,14 +171,27 @@ def report(r: dict[str, dict], args: argparse.Namespace) -> None:
                       f"{starts:>20} {util:>12}")
     for tag, precision in (("", "bf16 autocast"), ("-fp32", "float32")):
         if {f"one-short{tag}", f"ddp-short{tag}"} <= set(ok):
-            same = weight_diff(ok[f"ddp-short{tag}"]["out"], ok[f"one-short{tag}"]["out"], [0])
+            init = scratch_of(ok[f"one-short{tag}"]) / f"init{tag}.safetensors"
+            init = init if init.exists() else None
+            one = ok[f"one-short{tag}"]["out"]
+            same = weight_diff(ok[f"ddp-short{tag}"]["out"], one, [0])
             table[f"ddp_weight_diff{tag}"] = same
-            print(f"weights after {args.short_steps} steps ({precision}), DDP 2 x {args.batch} vs 1 GPU x "
-                  f"{2 * args.batch}: max relative difference {same:.2e}")
-    if "one-2seeds" in ok:
+            line = (f"weights after {args.short_steps} step(s) ({precision}), DDP 2 x {args.batch} vs 1 GPU x "
+                    f"{2 * args.batch}: max relative difference {same:.2e}")
+            if init is not None:
+                table[f"ddp_update_diff{tag}"] = weight_diff(ok[f"ddp-short{tag}"]["out"], one, [0], init)
+                line += f" (of the update: {table[f'ddp_update_diff{tag}']:.2e})"
+            if f"one-repeat{tag}" in ok:
+                table[f"repeat_weight_diff{tag}"] = weight_diff(ok[f"one-repeat{tag}"]["out"], one, [0])
+                line += f"; 1 GPU vs its repeat {table[f'repeat_weight_diff{tag}']:.2e}"
+                if init is not None:
+                    table[f"repeat_update_diff{tag}"] = weight_diff(ok[f"one-repeat{tag}"]["out"], one, [0], init)
+                    line += f" (of the update: {table[f'repeat_update_diff{tag}']:.2e})"
+            print(line)
+    if any(f"one-{n}seeds" in ok for n in args.seed_counts):
         print(f"\n(b) seed_parallel (in memory)\n{'seeds':<6} {'1 GPU ms':>8} {'2 GPU ms':>8} {'speed-up':>8} "
               f"{'max rel. diff of exports':>24} {'start-up s (ranks)':>20} {'SM % (GPUs)':>12}")
-        for n in (2, 4):
+        for n in args.seed_counts:
             one, sp = ok.get(f"one-{n}seeds"), ok.get(f"sp-{n}seeds")
             if one and sp:
                 o, s = one["ranks"][0], sp["ranks"][0]

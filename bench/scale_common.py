@@ -40,6 +40,19 @@ def write_store(out: Path, rows: int, d: int, layer: int = 0, dtype: str = "floa
     return out
 
 
+def _init_saver(path: Path) -> Any:
+    """A Lightning callback: rank 0 saves the first seed's SAE (`folded_state`, the export layout) at the start of training."""
+    import lightning.pytorch as pl
+    from safetensors.torch import save_file
+
+    class InitSaver(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, module: Any) -> None:
+            if trainer.is_global_zero:
+                save_file({k: v.detach().float().cpu().contiguous() for k, v in module.saes[0].folded_state().items()}, str(path))
+
+    return InitSaver()
+
+
 class Dmon:
     """`nvidia-smi dmon -s u` in the background; `stop()` → mean SM utilisation % per GPU index."""
 
@@ -106,29 +119,84 @@ def make_timer(warmup: int, steps: int, dmon_gpus: list[int] | None) -> Any:
     return StepTimer()
 
 
+def make_profiler(first: int, steps: int, out: Path) -> Any:
+    """A Lightning callback that runs `torch.profiler` over steps [first, first + steps) and writes, per
+    rank, `out/rank<r>.txt`: wall ms per step, the device's busy time per step (union of its kernels'
+    intervals) and the costliest kernels/ops; rank 0 also writes a Chrome trace."""
+    import lightning.pytorch as pl
+    from torch.profiler import ProfilerActivity, profile
+
+    class StepProfiler(pl.Callback):
+        def __init__(self) -> None:
+            self.prof: Any = None
+            self.start = 0.0
+
+        def on_train_batch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+            if trainer.global_step == first:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+            if self.prof is None or trainer.global_step != first + steps:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.start
+            self.prof.__exit__(None, None, None)
+            kernels = sorted((e.time_range.start, e.time_range.end) for e in self.prof.events()
+                             if e.device_type == torch.autograd.DeviceType.CUDA)
+            busy, end = 0.0, float("-inf")
+            for a, b in kernels:
+                if b > end:
+                    busy += b - max(a, end)
+                    end = b
+            rank = trainer.global_rank
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                table = self.prof.key_averages().table(sort_by="self_device_time_total", row_limit=35, max_name_column_width=70)
+            except Exception:  # older torch names the column after CUDA
+                table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=35, max_name_column_width=70)
+            (out / f"rank{rank}.txt").write_text(
+                f"rank {rank}: {steps} steps, wall {wall * 1000 / steps:.2f} ms/step, device busy "
+                f"{busy / 1000 / steps:.2f} ms/step ({busy / 1e6 / wall:.0%})\n{table}\n")
+            if rank == 0:
+                self.prof.export_chrome_trace(str(out / "trace_rank0.json"))
+            self.prof = None
+
+    return StepProfiler()
+
+
 def timed_train(store: Path, layer: int, out: Path, cfg: Any, trainer: dict[str, Any], warmup: int, steps: int,
-                rows_per_step: int, dmon_gpus: list[int] | None = None, process_start: float | None = None) -> dict[str, Any]:
+                rows_per_step: int, dmon_gpus: list[int] | None = None, process_start: float | None = None,
+                profile_dir: Path | None = None, init_out: Path | None = None) -> dict[str, Any]:
     """Run `train_saes` for warmup + steps steps; returns the timings (this rank's).
 
     `startup_s`: from the call to the end of step 0; `process_startup_s`: from `process_start`
-    (`time.time()` when this process started) to the end of step 0."""
+    (`time.time()` when this process started) to the end of step 0. `profile_dir`: profile 5 steps
+    after the warm-up (`make_profiler`; the timed window then includes them). `init_out`: rank 0
+    saves the first seed's weights before step 0 there (export layout), to compare updates."""
     import sae.train as train_module
 
     timer = make_timer(warmup, steps, dmon_gpus)
-    original = train_module.run_callbacks
+    extra: list[Any] = [make_profiler(warmup, min(5, steps), profile_dir)] if profile_dir is not None else []
+    if init_out is not None:
+        extra.append(_init_saver(init_out))
+    real_trainer = train_module.pl.Trainer
 
-    def callbacks(*args: Any, **kwargs: Any) -> list[Any]:
-        kept = [cb for cb in original(*args, **kwargs) if "Checkpoint" not in type(cb).__name__]
-        return [*kept, timer]
+    def trainer_with_timer(*args: Any, callbacks: list[Any] | None = None, **kwargs: Any) -> Any:
+        kept = [cb for cb in callbacks or [] if "Checkpoint" not in type(cb).__name__]
+        return real_trainer(*args, callbacks=[*kept, timer, *extra], **kwargs)
 
-    train_module.run_callbacks = callbacks
+    train_module.pl.Trainer = trainer_with_timer
     try:
         t_call = time.perf_counter()
-        train_module.train_saes(store, layer, out, cfg, trainer={**trainer, "enable_checkpointing": False},
-                                print_table=False, enable_progress_bar=False)
+        train_module.train_saes(store, layer, out, cfg, trainer=trainer, print_table=False, enable_progress_bar=False)
         t_done = time.perf_counter()
     finally:
-        train_module.run_callbacks = original
+        train_module.pl.Trainer = real_trainer
     result = timer.result(t_call, rows_per_step, process_start)
     result["end_s"] = t_done - t_call - result["startup_s"] - result["timed_s"]
     result["rank"] = int(os.environ.get("LOCAL_RANK", 0))

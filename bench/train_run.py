@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision on a GPU")
     parser.add_argument("--cpu", action="store_true", help="gloo ranks on the CPU (tests of this script)")
+    parser.add_argument("--profile", type=Path, help="profile 5 steps after the warm-up; per-rank tables here")
+    parser.add_argument("--init-out", type=Path, help="rank 0 saves the initial weights of seed 0 here")
     args = parser.parse_args(argv)
     from activations.store import ActivationStore
 
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     seed_parallel = args.strategy.startswith("seed_parallel")
     rows_per_step = args.batch * (1 if seed_parallel else args.devices)
     result = timed_train(args.store, 0, args.out, cfg, trainer, args.warmup, args.steps, rows_per_step,
-                         dmon_gpus=list(range(args.devices)) if gpu else None, process_start=PROCESS_START)
+                         dmon_gpus=list(range(args.devices)) if gpu else None, process_start=PROCESS_START,
+                         profile_dir=args.profile, init_out=args.init_out)
     result.update({"devices": args.devices, "strategy": args.strategy, "seeds": args.seeds, "batch": args.batch,
                    "streaming": args.streaming})
     rank = int(os.environ.get("LOCAL_RANK", 0))
