@@ -10,6 +10,9 @@ rerunning an interrupted harvest resumes it.
 """
 from __future__ import annotations
 
+import queue
+import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -120,9 +123,8 @@ def _capture_batch(
 
 def _store_batch(writer: ShardWriter, batch: PromptBatch, rows: Mapping[int, torch.Tensor], positions: str) -> None:
     """Split a batch's captured rows per prompt and hand them to the writer."""
+    # views, no copy: the writer's row blocks keep the (pinned) host tensors alive until their shard is written
     host = {layer: t.numpy() if t.dtype != torch.int16 else t.numpy().view(np.uint16) for layer, t in rows.items()}
-    if any(t.is_pinned() for t in rows.values()):  # copy out of pinned memory so the allocator can reuse it
-        host = {layer: x.copy() for layer, x in host.items()}
     seq = batch.input_ids.shape[1]
     start = 0
     for i, (record, n) in enumerate(zip(batch.records, batch.lengths)):
@@ -207,40 +209,61 @@ def harvest(
     return Path(out_dir)
 
 
+DRAIN_AHEAD = 2
+"""Batches whose rows may wait for the writer thread before the forward loop waits for it."""
+
+
 def _run_batches(
     adapter: ModelAdapter, writer: ShardWriter, batches: Any, layers: list[int], positions: str,
     dtype: str, n_prompts: int, progress: bool,
 ) -> None:
-    """Forward each batch; the device→host copy of batch i overlaps the forward of batch i+1 on a GPU."""
+    """Forward each batch and hand its rows to a writer thread, which waits for the batch's
+    device→host copy, splits the rows per prompt and buffers them (shards are written by the
+    writer's own background threads). The forward loop never waits for the disk, a copy or a
+    checksum unless the writer falls `DRAIN_AHEAD` batches behind."""
     on_cuda = adapter.device.type == "cuda"
     bar = progress_bar(total=n_prompts, unit="prompt", desc="harvest", disable=not progress)
-    started, done_prompts, done_tokens = time.perf_counter(), 0, 0
-    pending: tuple[PromptBatch, dict[int, torch.Tensor], Any] | None = None
+    started, done = time.perf_counter(), {"prompts": 0, "tokens": 0}
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=DRAIN_AHEAD)
+    failed: list[BaseException] = []
 
-    def drain(item: tuple[PromptBatch, dict[int, torch.Tensor], Any]) -> None:
-        nonlocal done_prompts, done_tokens
-        batch, rows, event = item
-        if event is not None:
-            event.synchronize()
-        _store_batch(writer, batch, rows, positions)
-        done_prompts += len(batch.records)
-        done_tokens += batch.n_tokens
-        elapsed = max(time.perf_counter() - started, 1e-9)
-        bar.update(len(batch.records))
-        bar.set_postfix(prompts_s=f"{done_prompts / elapsed:.1f}", tok_s=f"{done_tokens / elapsed:.0f}")
+    def drain() -> None:
+        while (item := handoff.get()) is not None:
+            if failed:
+                continue  # keep taking items so the forward loop never blocks on a dead writer
+            batch, rows, event = item
+            try:
+                if event is not None:
+                    event.synchronize()
+                _store_batch(writer, batch, rows, positions)
+            except BaseException as error:
+                failed.append(error)
+                continue
+            done["prompts"] += len(batch.records)
+            done["tokens"] += batch.n_tokens
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.update(len(batch.records))
+            bar.set_postfix(prompts_s=f"{done['prompts'] / elapsed:.1f}", tok_s=f"{done['tokens'] / elapsed:.0f}")
 
+    thread = threading.Thread(target=drain, name="harvest-drain", daemon=True)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, 0.001))  # the forward loop gets the GIL back quickly
+    thread.start()
     try:
         for batch in batches:
+            if failed:
+                break
             captured = _capture_batch(adapter, batch, layers, positions, dtype)
             rows = {layer: t.to("cpu", non_blocking=on_cuda) for layer, t in captured.items()}
             event = None
             if on_cuda:
                 event = torch.cuda.Event()
                 event.record()
-            if pending is not None:
-                drain(pending)
-            pending = (batch, rows, event)
-        if pending is not None:
-            drain(pending)
+            handoff.put((batch, rows, event))
     finally:
+        handoff.put(None)
+        thread.join()
+        sys.setswitchinterval(switch)
         bar.close()
+    if failed:
+        raise failed[0]

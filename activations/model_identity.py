@@ -39,7 +39,10 @@ def weights_fingerprint(model: torch.nn.Module, sample: int = 256, as_bfloat16: 
     `as_bfloat16`: the values rounded to bfloat16 and the dtype left out, so the fingerprint of a
     float32 model equals that of the same weights loaded in bfloat16.
     """
-    labels, values = _samples(model, sample)
+    return _fingerprint(*_samples(model, sample), as_bfloat16)
+
+
+def _fingerprint(labels: list[str], values: torch.Tensor, as_bfloat16: bool) -> str:
     digest = hashlib.sha256()
     for label in labels:
         digest.update((label.rsplit("|", 2)[0] + "|" if as_bfloat16 else label).encode())
@@ -52,6 +55,7 @@ def weights_fingerprint(model: torch.nn.Module, sample: int = 256, as_bfloat16: 
 def model_identity(model: torch.nn.Module, name: str) -> dict[str, Any]:
     """The identity record of a loaded model (`name` as the user gave it, kept for display)."""
     config = model.config
+    samples = _samples(model, 256)  # one pass over the parameters for both fingerprints
     return {
         "id": name,
         "family": getattr(config, "model_type", "unknown"),
@@ -59,8 +63,8 @@ def model_identity(model: torch.nn.Module, name: str) -> dict[str, Any]:
         "num_layers": int(config.num_hidden_layers),
         "d_model": int(config.hidden_size),
         "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "weights_fingerprint": weights_fingerprint(model),
-        "weights_fingerprint_bf16": weights_fingerprint(model, as_bfloat16=True),
+        "weights_fingerprint": _fingerprint(*samples, as_bfloat16=False),
+        "weights_fingerprint_bf16": _fingerprint(*samples, as_bfloat16=True),
     }
 
 

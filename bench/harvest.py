@@ -83,12 +83,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall seconds of `fn` over `repeats` runs after `warmup` runs."""
+def median_time(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1,
+                prepare: Callable[[], None] | None = None) -> float:
+    """Median wall seconds of `fn` over `repeats` runs after `warmup` runs; `prepare` runs untimed
+    before each (removing the previous run's store: deleting 0.4 GB of shards is not harvesting)."""
     for _ in range(warmup):
+        if prepare is not None:
+            prepare()
         fn()
     times = []
     for _ in range(repeats):
+        if prepare is not None:
+            prepare()
         sync(device)
         start = time.perf_counter()
         fn()
@@ -115,9 +121,11 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
         for b in batches:
             _capture_batch(adapter, b, [layer], args.positions, args.dtype)
 
+    def clear() -> None:
+        shutil.rmtree(scratch / f"layer{layer}", ignore_errors=True)
+
     def harvest_run() -> None:
         out = scratch / f"layer{layer}"
-        shutil.rmtree(out, ignore_errors=True)
         harvest(model, tokenizer, records, [layer], out, positions=args.positions, batch_size=args.batch_size,
                 max_length=args.max_length, dtype=args.dtype, progress=False)
 
@@ -137,7 +145,7 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
 
     t_full = median_time(full, device, args.repeats)
     t_trunc = median_time(truncated, device, args.repeats)
-    t_harvest = median_time(harvest_run, device, args.repeats)
+    t_harvest = median_time(harvest_run, device, args.repeats, prepare=clear)
     target = (layer + 1) / adapter.num_layers * 1.15
     if args.positions == "last":
         print(f"layer {layer}: max |stored - output_hidden_states| on the first batch = {max_difference():.3g} "
@@ -149,6 +157,62 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
         "full_prompts_s": len(records) / t_full, "full_tok_s": n_tokens / t_full,
         "ratio_full": t_harvest / t_full, "target": target, "ratio_trunc": t_trunc / t_harvest,
     }
+
+
+def breakdown(model, tokenizer, records, layer: int, args: argparse.Namespace, scratch: Path) -> dict:
+    """Harvest seconds at `layer` with parts of the work removed: where the time over the truncated
+    forward goes (the device→host copies and hand-off; the shard files; fsync + checksums), and the
+    phases of the whole harvest (set-up, the forward loop with its hand-off, the final flush)."""
+    import activations.harvest as harvest_module
+    import activations.store.commit as commit_module
+    from activations.store.write import ShardWriter
+
+    device = ModelAdapter(model).device
+    phases: dict[str, list[float]] = {"loop": [], "finish": []}
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases[name].append(time.perf_counter() - start)
+        return wrapper
+
+    def run(tag: str) -> float:
+        out = scratch / f"breakdown-{tag}"
+
+        def once() -> None:
+            harvest(model, tokenizer, records, [layer], out, positions=args.positions, batch_size=args.batch_size,
+                    max_length=args.max_length, dtype=args.dtype, progress=False)
+        return median_time(once, device, args.repeats, prepare=lambda: shutil.rmtree(out, ignore_errors=True))
+
+    run_batches, finish = harvest_module._run_batches, ShardWriter.finish
+    harvest_module._run_batches, ShardWriter.finish = timed("loop", run_batches), timed("finish", finish)
+    try:
+        times = {"full": run("full")}
+    finally:
+        harvest_module._run_batches, ShardWriter.finish = run_batches, finish
+    times.update({f"phase {k}": statistics.median(v[1:] or v) for k, v in phases.items() if v})
+    fsync, sha = commit_module.os.fsync, commit_module.shard_sha256
+    commit_module.os.fsync, commit_module.shard_sha256 = (lambda fd: None), (lambda *a, **k: "0" * 64)
+    try:
+        times["no fsync/sha256"] = run("nodur")
+    finally:
+        commit_module.os.fsync, commit_module.shard_sha256 = fsync, sha
+    commit = ShardWriter._commit
+    ShardWriter._commit = lambda self, index, rows, ids, previous: None
+    try:
+        times["no shard files"] = run("nofiles")
+    finally:
+        ShardWriter._commit = commit
+    store_batch = harvest_module._store_batch
+    harvest_module._store_batch = lambda *a, **k: None
+    try:
+        times["no store"] = run("nostore")
+    finally:
+        harvest_module._store_batch = store_batch
+    return times
 
 
 def profile_harvest(model, tokenizer, records, args: argparse.Namespace, scratch: Path) -> None:
@@ -200,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the embedded one)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--profile", action="store_true", help="first print a cProfile of one harvest")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the first layer's harvest without fsync/sha256 and without the store")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, a few prompts, 2 repeats")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -215,10 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile_harvest(model, tokenizer, records, args, scratch)
         rows = [bench_layer(model, tokenizer, records, layer, args, scratch) for layer in args.layers]
+        parts = breakdown(model, tokenizer, records, args.layers[0], args, scratch) if args.breakdown else None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print_table(label, name, args, rows)
+    if parts:
+        trunc = rows[0]["trunc_s"]
+        print(f"layer {args.layers[0]} breakdown (s): truncated forward {trunc:.3f} | "
+              + " | ".join(f"{k} {v:.3f}" + ("" if k.startswith("phase") else f" ({trunc / v:.2f} of trunc speed)")
+                           for k, v in parts.items()))
     if args.json:
         meta = {"model": label, "device": name, "positions": args.positions, "dtype": args.dtype,
                 "batch_size": args.batch_size, "repeats": args.repeats}

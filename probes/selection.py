@@ -21,7 +21,7 @@ from activations.progress import progress_bar
 from activations.io import read_json, write_json
 from activations.model_identity import check_same_model
 from activations.records import CATEGORIES, PROBE_CLASSES, REFUSAL_CATEGORIES
-from probes.heads import HeadResult, fit_l1_head
+from probes.heads import HeadResult, fit_l1_head, fit_resampled_heads
 from probes.rows import LabelledRows, require_split
 
 
@@ -142,14 +142,23 @@ def stability_selection(
     counts = np.zeros((len(classes), d), dtype=np.float64)
     weight_sum = np.zeros((len(classes), d), dtype=np.float64)
     n_fits = len(matrices) * n_bootstrap
+    batched = fit_kwargs.get("solver", "sklearn") == "torch"  # every resample of a matrix in one fit
     with progress_bar(total=n_fits, desc="stability selection", unit="fit") as bar:
         for m in matrices:
+            draws = []  # (resample, saga seed), drawn in the same order for both solvers
             for _ in range(n_bootstrap):
                 resample = m.subset(_stratified_bootstrap(m.categories, rng))
-                head = fit_l1_head(resample, C, classes=classes, seed=int(rng.integers(2**31)), **fit_kwargs)
-                counts += _selected_mask(head, top_k)
-                weight_sum += head.coef
-                bar.update(1)
+                draws.append((resample, int(rng.integers(2**31))))
+                if not batched:
+                    head = fit_l1_head(resample, C, classes=classes, seed=draws[-1][1], **fit_kwargs)
+                    counts += _selected_mask(head, top_k)
+                    weight_sum += head.coef
+                    bar.update(1)
+            if batched:
+                for head in fit_resampled_heads([r for r, _ in draws], C, classes=classes, **fit_kwargs):
+                    counts += _selected_mask(head, top_k)
+                    weight_sum += head.coef
+                bar.update(len(draws))
     meta = {"n_matrices": len(matrices), "n_bootstrap": n_bootstrap, "seed": seed,
             "splits": [m.provenance() for m in matrices]}
     return StabilityResult(tuple(classes), counts / n_fits, weight_sum / n_fits, n_fits,

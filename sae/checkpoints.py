@@ -46,12 +46,12 @@ class CheckpointMismatch(ValueError):
     """The run folder holds checkpoints of another run identity."""
 
 
-def run_identity(cfg: TrainConfig, layer: int, shards_manifest_sha256: str, d_model: int, in_memory: bool,
+def run_identity(cfg: TrainConfig, layer: int, shards_manifest_sha256: str, d_model: int,
                  trainer: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The plain-data identity of a training run (see the module docstring)."""
+    """The plain-data identity of a training run (see the module docstring). Whether the rows are held
+    in memory or streamed is not part of it: both modes give the same batches (`sae/order.py`)."""
     data = {k: v for k, v in asdict(cfg.data).items() if k not in ("num_workers", "memory_budget_gb", "metrics_split",
-                                                                      "metrics_rows")}
-    data["in_memory"] = bool(in_memory)
+                                                                      "metrics_rows", "in_memory")}
     identity = {
         "layer": int(layer), "shards_manifest_sha256": shards_manifest_sha256, "seeds": [int(s) for s in cfg.seeds],
         "sae": cfg.sae.for_input(d_model).to_dict(), "optim": asdict(cfg.optim), "data": data,

@@ -220,12 +220,16 @@ class DataConfig:
         in_memory: True / False, or None to decide from `memory_budget_gb`.
         memory_budget_gb: the largest device-resident copy `in_memory=None` allows.
         device_dtype: dtype of the device-resident copy (bfloat16 halves its memory).
-        chunk_rows, window_chunks: streaming read size and shuffle-buffer size (in chunks).
+        chunk_rows: rows of a shuffle block: the unit of contiguous reads (`sae/order.py`).
+        window_chunks: blocks per shuffle window; a batch's rows come from the whole window.
+        lanes: independent shuffle lanes of a window; the global batch takes an equal share of each
+            and DDP ranks own whole lanes (so each reads 1/ranks of the data). The global batch must
+            be a multiple of it, and it a multiple of the number of ranks.
         data_seed: seed of the row order.
         metrics_split: split for the final metrics (falls back to the training split if empty).
         metrics_rows: at most this many rows are used for the final metrics.
         init_rows: rows sampled for the data-dependent initialisation (b_dec, input scale).
-        num_workers: DataLoader workers of the streaming mode.
+        num_workers: background reader threads (streaming, and the start-up load of either mode).
     """
 
     split: str | list[str] | None = "extract"
@@ -237,20 +241,21 @@ class DataConfig:
     in_memory: bool | None = None
     memory_budget_gb: float = 4.0
     device_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    chunk_rows: int = 65536
-    window_chunks: int = 8
+    chunk_rows: int = 4096
+    window_chunks: int = 64
+    lanes: int = 8
     data_seed: int = 0
     metrics_split: str | None = "calibrate"
     metrics_rows: int = 65536
     init_rows: int = 32768
-    num_workers: int = 0
+    num_workers: int = 4
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.device_dtype not in DEVICE_DTYPE_NAMES:
             raise ValueError(f"unknown device_dtype {self.device_dtype!r}; expected one of {', '.join(DEVICE_DTYPE_NAMES)}")
-        for name in ("chunk_rows", "window_chunks", "metrics_rows", "init_rows"):
+        for name in ("chunk_rows", "window_chunks", "lanes", "metrics_rows", "init_rows", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.position_kinds is not None:

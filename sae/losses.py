@@ -41,13 +41,17 @@ class NonFiniteLossError(ValueError):
     """A loss term became NaN or infinite."""
 
 
-def auxk_loss(x: Tensor, out: ForwardOutput) -> Tensor:
-    """AuxK loss: `aux_scale * ||aux_x_hat - (x - x_hat)||² / total variance` (0 when unused)."""
+def auxk_loss(x: Tensor, out: ForwardOutput, variance: Tensor | None = None) -> Tensor:
+    """AuxK loss: `aux_scale * ||aux_x_hat - (x - x_hat)||² / total variance` (0 when unused).
+
+    `variance`: the denominator (default: the batch's total variance; see `sae.step.ddp_variance`).
+    """
     if out.aux_x_hat is None or out.aux_scale is None:
         return out.fvu.new_zeros(())
     target = x.to(torch.float32)
     residual = (target - out.x_hat.to(torch.float32)).detach()
-    return out.aux_scale * F.mse_loss(out.aux_x_hat.to(torch.float32), residual, reduction="sum") / total_variance(target)
+    denominator = total_variance(target) if variance is None else variance
+    return out.aux_scale * F.mse_loss(out.aux_x_hat.to(torch.float32), residual, reduction="sum") / denominator
 
 
 def l1_penalty(latent_values: Tensor) -> Tensor:
@@ -83,10 +87,13 @@ def supervised_contrastive(
     return -(mean_log_prob * valid).sum() / valid.sum().clamp_min(1)
 
 
-def compute_loss_terms(x: Tensor, out: ForwardOutput, cfg: SAEConfig, labels: Tensor | None = None) -> LossTerms:
-    """All loss terms for one SAE on one batch `x (batch, d_in)`; terms with coefficient 0 are 0."""
+def compute_loss_terms(x: Tensor, out: ForwardOutput, cfg: SAEConfig, labels: Tensor | None = None,
+                       variance: Tensor | None = None) -> LossTerms:
+    """All loss terms for one SAE on one batch `x (batch, d_in)`; terms with coefficient 0 are 0.
+
+    `variance`: denominator of the AuxK term (default: the batch's total variance)."""
     zero = out.fvu.new_zeros(())
-    aux = auxk_loss(x, out) if cfg.auxk_coeff > 0 else zero
+    aux = auxk_loss(x, out, variance) if cfg.auxk_coeff > 0 else zero
     l1 = l1_penalty(out.latent_values) if cfg.l1_coeff > 0 else zero
     contrastive = zero
     if cfg.contrastive_coeff > 0 and labels is not None:

@@ -238,13 +238,16 @@ class SparseAutoencoder(nn.Module):
         dtype = compute_dtype_for(z, self.dtype)
         return self.unscale_output(torch.addmm(self.b_dec.to(dtype), z.to(dtype), self.W_dec.to(dtype)))
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None, dead_ids: Tensor | None = None) -> ForwardOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, dead_ids: Tensor | None = None,
+                variance: Tensor | None = None) -> ForwardOutput:
         """Encode, decode and score a batch `x (batch, d_in)`.
 
         Args:
             dead_mask: `(d_sae,)` bool of dead latents, or dead_ids: their `(n_dead,)` int64 ids
                 (`LatentTracker.dead_ids()`, found without a host sync; from a mask the ids are read
                 with one). With auxk_coeff > 0 the AuxK reconstruction of the residual uses them.
+            variance: the FVU denominator (default: the batch's total variance; data-parallel ranks
+                pass the global batch's, `sae.step.ddp_variance`).
         """
         use_aux = self.cfg.auxk_coeff > 0 and not self._dense_path
         if use_aux and dead_ids is None and dead_mask is not None:
@@ -257,7 +260,8 @@ class SparseAutoencoder(nn.Module):
             values, indices = self._select(x)
             x_hat = self.decode_sparse(values, indices)
         target = x.to(torch.float32)
-        fvu = F.mse_loss(x_hat.to(torch.float32), target, reduction="sum") / total_variance(target)
+        denominator = total_variance(target) if variance is None else variance
+        fvu = F.mse_loss(x_hat.to(torch.float32), target, reduction="sum") / denominator
         aux = dead_latent_reconstruction(self, x, dead_ids) if use_aux and dead_ids is not None else None
         aux_x_hat, aux_scale = aux if aux is not None else (None, None)
         return ForwardOutput(x_hat, values, indices, fvu, aux_x_hat, aux_scale, self.d_sae)

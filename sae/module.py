@@ -5,9 +5,12 @@ one Adam optimizer (fused on CUDA) holds one parameter group per seed. Because t
 parameters, minimising the sum of their losses is the same as training each alone.
 Each step: forward + loss terms per seed → backward → remove the gradient component parallel to
 each decoder row → Adam → renormalise decoder rows. No host syncs except at logging intervals.
-On one CUDA device the fused path (`sae/kernels/fused.py`) does the last three in one pass per matrix.
-With several devices, Lightning's DDP replicates all seeds on every rank and averages gradients;
-the data module gives each rank its own slice of the global batch. With the `seed_parallel`
+On a CUDA device the fused path (`sae/kernels/fused.py`) does the last three in one pass per matrix.
+With several devices, Lightning's DDP replicates all seeds on every rank and averages the dense
+gradients (b_enc, b_dec); on the fused path the matrices' deferred gradient entries are gathered
+from every rank instead (`sae/kernels/ddp.py`). Each rank's FVU-type terms use the global batch's
+variance (`sae.step.ddp_variance`), so the update equals one device stepping the global batch; the
+data module gives each rank its own lanes of that batch. With the `seed_parallel`
 strategy (`sae/seed_parallel.py`) each rank instead trains its own seeds on the whole batch.
 """
 from __future__ import annotations
@@ -27,12 +30,19 @@ from sae.seed_parallel import (
     OPTIMIZER_KEY, SeedParallelStrategy, gather_optimizer_states, optimizer_state_for_rank, owned_indices,
     sync_seed_states,
 )
-from sae.step import fused_supported, make_optimizer, seed_step_loss
+from sae.step import ddp_variance, fused_supported, make_optimizer, seed_step_loss
 from sae.tracking import LatentTracker, density_histogram, density_summary, l0_norm
 
 
 DIVERGENCE_KEY = "divergence_monitor"
 """Key of the divergence monitor's state in a checkpoint."""
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum of `tensor` over all ranks (a new tensor; no host sync)."""
+    out = tensor.clone()
+    torch.distributed.all_reduce(out)
+    return out
 
 
 class SAELightningModule(pl.LightningModule):
@@ -65,7 +75,8 @@ class SAELightningModule(pl.LightningModule):
         self.adam_betas, self.adam_eps = opt.adam_betas, opt.adam_eps
         self.init_b_dec, self.check_finite_every_step = opt.init_b_dec, opt.check_finite_every_step
         self.fused_request, self.exp_avg_dtype = opt.fused, getattr(torch, opt.exp_avg_dtype)
-        self.fused = False  # decided in configure_optimizers, once the device is known
+        self.fused = False  # decided in setup / configure_optimizers, once the device is known
+        self._fused_decided = False
         self.saes = nn.ModuleList([SparseAutoencoder(cfg, seed=s) for s in seeds])
         self.trackers = nn.ModuleList([LatentTracker(cfg.num_latents, cfg.dead_tokens_threshold) for _ in seeds])
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -78,13 +89,30 @@ class SAELightningModule(pl.LightningModule):
         return datamodule if datamodule is not None and hasattr(datamodule, "d_model") else None
 
     def setup(self, stage: str) -> None:
-        """Check d_in against the activation store before anything is allocated on the device."""
+        """Check d_in against the activation store before anything is allocated on the device; choose
+        the training path before DDP wraps the module (the fused path's matrices are not DDP's)."""
         datamodule = self._datamodule()
         if datamodule is not None and datamodule.d_model != self.cfg.d_in:
             raise ValueError(
                 f"SAE d_in={self.cfg.d_in} does not match the activation store's d_model={datamodule.d_model} "
                 f"({datamodule.shards_dir})"
             )
+        self._decide_fused(self.trainer.strategy.root_device)
+
+    def _grad_sync(self) -> bool:
+        """True under data parallelism (several ranks averaging gradients)."""
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        return world_size > 1 and not self.seed_parallel
+
+    def _decide_fused(self, device: torch.device) -> None:
+        if self._fused_decided:
+            return
+        supported = fused_supported(device, self.cfg.d_in)
+        self.fused = supported if self.fused_request is None else bool(self.fused_request)
+        self._fused_decided = True
+        if self.fused and self._grad_sync():  # their gradients are gathered by FusedAdam, not all-reduced by DDP
+            self._ddp_params_and_buffers_to_ignore = [
+                f"saes.{i}.{name}" for i in range(len(self.saes)) for name in ("W_enc_rows", "W_dec")]
 
     def on_fit_start(self) -> None:
         """Data-dependent initialisation, once (a resumed run restores it from the checkpoint)."""
@@ -146,16 +174,11 @@ class SAELightningModule(pl.LightningModule):
         world_size = self.trainer.world_size if self._trainer is not None else 1
         if self.seed_parallel and world_size > len(self.seeds):
             raise ValueError(f"seed_parallel needs at least one seed per device: {len(self.seeds)} seeds, {world_size} devices")
-        grad_sync = world_size > 1 and not self.seed_parallel
-        if self.fused_request and grad_sync:
-            raise ValueError("fused=True defers gradients that DDP cannot all-reduce; use fused=false with several devices "
-                             "or the seed_parallel strategy")
-        supported = fused_supported(self.device, self.cfg.d_in, gradients_all_reduced=grad_sync)
-        self.fused = supported if self.fused_request is None else bool(self.fused_request)
+        self._decide_fused(self.device)
         owned = self.owned()
         optimizer = make_optimizer([self.saes[i] for i in owned], self.lr, self.adam_betas, self.adam_eps,  # type: ignore[misc]
                                    self.fused, names=[f"seed{self.seeds[i]}" for i in owned],
-                                   exp_avg_dtype=self.exp_avg_dtype)
+                                   exp_avg_dtype=self.exp_avg_dtype, world_size=world_size if self._grad_sync() else 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -171,9 +194,11 @@ class SAELightningModule(pl.LightningModule):
 
     # ---- the step -----------------------------------------------------------------------------
     def _all_reduce(self) -> Any:
+        """Sum over data-parallel ranks, queued on the stream (Lightning's `strategy.reduce` adds a
+        barrier, a host sync, before every reduction); None on one rank."""
         if self._trainer is None or self.trainer.world_size == 1 or self.seed_parallel:
             return None
-        return lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")
+        return all_reduce_sum
 
     def _is_log_step(self, step: int) -> bool:
         if self._trainer is None or not self.trainer.loggers:
@@ -188,9 +213,10 @@ class SAELightningModule(pl.LightningModule):
         log_now = self._is_log_step(step)
         per_seed: dict[int, list[Tensor]] = {}
         total = x.new_zeros((), dtype=torch.float32)
+        variance = ddp_variance(x, reduce, self.trainer.world_size) if reduce is not None else None
         for index in self.owned():
             seed, sae, tracker = self.seeds[index], self.saes[index], self.trackers[index]
-            terms, out = seed_step_loss(sae, tracker, x, labels, self.cfg, reduce)
+            terms, out = seed_step_loss(sae, tracker, x, labels, self.cfg, reduce, variance)
             self.monitor.record(index, terms, step)
             l0 = l0_norm(out.latent_values.detach())
             self.divergence.record(index, terms.fvu, l0, step)
@@ -221,8 +247,12 @@ class SAELightningModule(pl.LightningModule):
         return {f"seed{self.seeds[i]}/{name}": value for i, values in per_seed.items() for name, value in zip(names, values)}
 
     def _log_densities(self, step: int) -> None:
-        """Firing-density summaries (CSV) and histograms (wandb, when used) since the last log step."""
-        self.sync_seed_states()
+        """Firing-density summaries (CSV) and histograms (wandb, when used) since the last log step.
+
+        Seed-parallel: only the trackers are copied from their owners here (kilobytes); the weights
+        (gigabytes at 65,536 latents) only at checkpoints and the export."""
+        if self.seed_parallel and self.trainer.world_size > 1:
+            sync_seed_states(list(self.trackers), self.trainer.world_size)
         for seed, tracker in zip(self.seeds, self.trackers):
             density = tracker.pop_density()
             self.log_dict({f"seed{seed}/{k}": v for k, v in density_summary(density).items()}, on_step=True, on_epoch=False)

@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from activations.positions import UNKNOWN, kind_codes
+from activations.store.raw import LayerReader
 from activations.store import ActivationStore, RowMeta
 
 RULES = ("position_kind", "sink", "duplicate")
@@ -77,8 +78,10 @@ def kind_mask(meta: RowMeta, position_kinds: list[str] | None, exclude_sink: boo
 
 
 def _fingerprints(x: np.ndarray, multipliers: np.ndarray, block: int = 2048) -> np.ndarray:
-    """`(n, 2)` uint64 hashes of float32 rows `(n, d)`: Σ word_j · m_j (mod 2^64), two sets of odd m."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    """`(n, 2)` uint64 hashes of rows `(n, d)` of any 2- or 4-byte dtype, on their bits:
+    Σ word_j · m_j (mod 2^64), two sets of odd m."""
+    x = np.ascontiguousarray(x)
+    bits = x.view(np.uint32 if x.dtype.itemsize == 4 else np.uint16)
     out = np.empty((len(bits), len(multipliers)), dtype=np.uint64)
     for lo in range(0, len(bits), block):
         words = bits[lo: lo + block].astype(np.uint64)
@@ -88,8 +91,9 @@ def _fingerprints(x: np.ndarray, multipliers: np.ndarray, block: int = 2048) -> 
 
 
 def duplicate_mask(chunks: Any, d_model: int, progress: bool = False) -> np.ndarray:
-    """`(n,)` bool over the concatenated rows of `chunks` (iterable of float32 `(m, d_model)`):
-    True for the first occurrence of each distinct row, False for later exact copies."""
+    """`(n,)` bool over the concatenated rows of `chunks` (iterable of `(m, d_model)` rows in one
+    2- or 4-byte dtype, e.g. the store's storage dtype): True for the first occurrence of each
+    distinct row, False for later bitwise copies."""
     rng = np.random.default_rng(20240607)
     multipliers = rng.integers(1, 2**63, size=(2, d_model), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
     keys = [_fingerprints(x, multipliers) for x in tqdm(chunks, desc="duplicate rows", disable=not progress)]
@@ -113,19 +117,19 @@ def training_rows(store: ActivationStore, layer: int, data: Any, progress: bool 
     keep = by_kind & not_sink
     removed = {"position_kind": int((~by_kind).sum()), "sink": int((by_kind & ~not_sink).sum()), "duplicate": 0}
     if data.drop_duplicates and keep.any():
-        chunks = (x for x, _ in store.iter_chunks(layer, data.split, data.categories, chunk_rows=data.chunk_rows))
         kept_rows = np.flatnonzero(keep)
-        firsts = duplicate_mask(_select_rows(chunks, keep), store.d_model, progress)
+        ids = store.row_ids(data.split, data.categories)[kept_rows]
+        firsts = duplicate_mask(_raw_rows(LayerReader(store, layer), ids, data.chunk_rows), store.d_model, progress)
         removed["duplicate"] = int((~firsts).sum())
         keep[kept_rows[~firsts]] = False
     return RowSelection(np.flatnonzero(keep).astype(np.int64), len(meta), removed)
 
 
-def _select_rows(chunks: Any, keep: np.ndarray) -> Any:
-    """Yield the rows of consecutive chunks whose positions in `keep` are True."""
-    at = 0
-    for x in chunks:
-        part = keep[at: at + len(x)]
-        at += len(x)
-        if part.any():
-            yield x[part]
+def _raw_rows(reader: LayerReader, ids: np.ndarray, chunk_rows: int) -> Any:
+    """Yield rows `ids` (sorted global row ids) in chunks of the storage dtype (no float32 decode);
+    the one buffer is reused, so each chunk must be consumed before the next."""
+    buffer = reader.empty(min(chunk_rows, len(ids)))
+    for a in range(0, len(ids), chunk_rows):
+        part = ids[a: a + chunk_rows]
+        reader.read(part, buffer)
+        yield buffer[: len(part)]

@@ -5,8 +5,8 @@ process per device like DDP, but the module is not wrapped in `DistributedDataPa
 `--seeds` is trained by rank `i % world_size` alone, every rank reads the *whole* global batch (so
 each seed sees exactly the batches a one-device run gives it), and no gradient is communicated.
 Every rank keeps a replica of every seed's weights; replicas of seeds owned elsewhere are stale
-until `sync_seed_states` broadcasts them from their owners (at checkpoints, density logging and
-the end-of-run export). Checkpoints hold every seed and every seed's optimizer state, so a run
+until `sync_seed_states` broadcasts them from their owners (at checkpoints and the end-of-run
+export; the small latent trackers also at every density log). Checkpoints hold every seed and every seed's optimizer state, so a run
 resumes exactly, on any number of devices that gives each rank the same seeds.
 """
 from __future__ import annotations

@@ -28,12 +28,17 @@ def seed_step_loss(
     labels: Tensor | None,
     cfg: SAEConfig,
     all_reduce: Callable[[Tensor], Tensor] | None = None,
+    variance: Tensor | None = None,
 ) -> tuple[LossTerms, ForwardOutput]:
-    """Loss terms of one SAE on a batch `x (batch, d_in)`; updates its latent tracker."""
+    """Loss terms of one SAE on a batch `x (batch, d_in)`; updates its latent tracker.
+
+    `variance`: the denominator of the FVU-type terms (default: this batch's total variance;
+    data-parallel ranks pass `ddp_variance`).
+    """
     # AuxK only while some latent is dead: with none its term and gradient are exactly 0
     dead = tracker.dead_ids() if cfg.auxk_coeff > 0 else None
-    out = sae(x, dead_ids=dead) if dead is not None and dead.numel() > 0 else sae(x)
-    terms = compute_loss_terms(x, out, cfg, labels)
+    out = sae(x, dead_ids=dead, variance=variance) if dead is not None and dead.numel() > 0 else sae(x, variance=variance)
+    terms = compute_loss_terms(x, out, cfg, labels, variance)
     tracker.update(out.latent_values.detach(), out.latent_indices, all_reduce)
     return terms, out
 
@@ -97,18 +102,33 @@ def make_optimizer(
     fused: bool,
     names: list[str] | None = None,
     exp_avg_dtype: torch.dtype = torch.float32,
+    world_size: int = 1,
 ) -> torch.optim.Optimizer:
-    """The fused path's `FusedAdam` (switches the SAEs to it), or torch Adam (fused kernel on CUDA)."""
+    """The fused path's `FusedAdam` (switches the SAEs to it; `world_size` > 1: data-parallel), or
+    torch Adam (fused kernel on CUDA)."""
     for sae in saes:
         sae.use_fused_training(fused)
     if fused:
-        return FusedAdam(saes, lr=lr, betas=betas, eps=eps, names=names, exp_avg_dtype=exp_avg_dtype)
+        return FusedAdam(saes, lr=lr, betas=betas, eps=eps, names=names, exp_avg_dtype=exp_avg_dtype,
+                         world_size=world_size)
     groups = [{"params": list(sae.parameters()), **({"name": names[i]} if names else {})} for i, sae in enumerate(saes)]
     cuda = all(p.device.type == "cuda" for sae in saes for p in sae.parameters())
     return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, fused=True if cuda else None)
 
 
-def fused_supported(device: torch.device, d_in: int, gradients_all_reduced: bool = False) -> bool:
-    """The fused path's default: on where its Triton kernels run and no gradient all-reduce (DDP) needs
-    materialised gradients."""
-    return triton_kernels.available(device) and not gradients_all_reduced and d_in <= triton_kernels.MAX_D
+def fused_supported(device: torch.device, d_in: int) -> bool:
+    """The fused path's default: on where its Triton kernels run (data-parallel too, `sae/kernels/ddp.py`)."""
+    return triton_kernels.available(device) and d_in <= triton_kernels.MAX_D
+
+
+@torch.no_grad()
+def ddp_variance(x: Tensor, all_reduce: Callable[[Tensor], Tensor], world_size: int) -> Tensor:
+    """The FVU denominator a data-parallel rank uses: the *global* batch's total variance
+    `sum_b ||x_b - mean||²` (mean over all ranks' rows) divided by `world_size`.
+
+    Each rank's loss is then `world_size` × its rows' share of the global-batch loss, so averaging
+    the ranks' gradients (DDP) gives exactly the gradient of one device stepping the global batch.
+    """
+    x32 = x.to(torch.float32)
+    mean = all_reduce(x32.sum(dim=0)) / (x.shape[0] * world_size)
+    return all_reduce(((x32 - mean) ** 2).sum()) / world_size

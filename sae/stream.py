@@ -1,125 +1,217 @@
-"""Batches for data that does not fit on the device: chunk-contiguous reads + a shuffle buffer.
+"""Streaming training rows from the activation store: background reads, pinned buffers, async copies.
 
-The row order is a pure function of (seed, step): epoch `e` reads the store in chunks of
-`chunk_rows`, groups `window_chunks` consecutive chunks into a window, and permutes the rows of
-window `w` with `numpy.random.default_rng([seed, e, w])`. The stream is the concatenation of the
-windows, epoch after epoch; global batch `s` is stream rows `[s*B*world, (s+1)*B*world)` and rank
-`r` takes its `r`-th slice. A resumed run starts at its step and sees exactly the same batches
-(skipping costs reading the skipped part of the current epoch once).
+`WindowStream` serves the batches of `sae.order.RowOrder` for one rank, step after step, from data
+that need not fit on the device. A producer thread walks the rank's windows in order; for each it
+reads the rank's lane segments (a few contiguous row runs, `activations.store.raw.LayerReader`,
+`workers` reads at once) into a free host buffer (page-locked on CUDA), in the storage dtype, and
+checks them for NaN/inf without a float32 copy. The training thread copies a ready window to one of
+two device buffers on a side stream while the previous window is still being trained on, and each
+step gathers its rows from the device buffer and casts them to the training dtype there. Nothing
+on the training thread waits for the disk unless the disk is slower than the GPU.
+
+The batches equal the in-memory mode's (same `RowOrder`, same storage → device cast), so either
+mode resumes the other's checkpoints exactly.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
 
-from activations.store import ActivationStore
 from activations.records import CATEGORIES
+from activations.store.raw import TORCH_STORAGE_DTYPES, LayerReader, as_torch, nonfinite_rows
+from sae.order import RowOrder, WindowPlan
 
 CATEGORY_IDS: dict[str, int] = {name: index for index, name in enumerate(CATEGORIES)}
+READ_PIECE_BYTES = 32 << 20
+"""Rows are read in pieces of about this many bytes (one task of the reader pool each)."""
 
 
 def labels_from_categories(categories: np.ndarray) -> np.ndarray:
-    """Category strings → int64 class ids (index in CATEGORIES, -1 for anything else)."""
-    return np.fromiter((CATEGORY_IDS.get(str(c), -1) for c in categories), dtype=np.int64, count=len(categories))
+    """Category names (str, or bytes as `ActivationStore.column` gives them) → int64 class ids
+    (index in CATEGORIES, -1 for anything else); one vectorised comparison per known category."""
+    values = np.asarray(categories)
+    out = np.full(len(values), -1, dtype=np.int64)
+    for name, index in CATEGORY_IDS.items():
+        out[values == (name.encode() if values.dtype.kind == "S" else name)] = index
+    return out
 
 
-def check_finite_rows(x: np.ndarray, where: str) -> None:
-    """Raise ValueError naming the first row holding NaN or inf."""
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        raise ValueError(f"{where}: activation row {int(np.flatnonzero(~finite)[0])} holds NaN or inf")
+def read_rows(reader: LayerReader, ids: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor | None, where: str) -> None:
+    """Global rows `ids` into `out[:len(ids)]` in pieces on `pool`; ValueError naming a NaN/inf row."""
+    piece = max(1, READ_PIECE_BYTES // reader.row_bytes)
+
+    def one(a: int) -> None:
+        b = min(a + piece, len(ids))
+        reader.read(ids[a:b], out[a:b])
+        bad = nonfinite_rows(out[a:b], reader.dtype_name)
+        if len(bad):
+            raise ValueError(f"{where}: activation row {int(ids[a + bad[0]])} of the store holds NaN or inf")
+
+    starts = range(0, len(ids), piece)
+    if pool is None:
+        for a in starts:
+            one(a)
+    else:
+        for future in [pool.submit(one, a) for a in starts]:
+            future.result()
 
 
-class ShuffledStream(IterableDataset):
-    """Yields `(x float32 (batch_size, d_model), labels int64 (batch_size,))` forever from step `start_step`.
+@dataclass
+class _Ready:
+    plan: WindowPlan
+    host: np.ndarray
+    slot: int
+    """Index of the host buffer (returned to the free list once copied)."""
+
+
+class WindowStream:
+    """Batches `(x (batch, d) device_dtype, labels (batch,) int64)` of one rank, on `device`, in step order.
 
     Args:
-        store, layer, split, categories: what to read.
-        n_rows: number of selected rows (one epoch).
-        row_mask: `(rows of split/categories,)` bool: only these rows are served (None = all);
-            `n_rows` must equal its count.
-        batch_size: rows per rank per step; rank, world_size: this process and the number of ranks.
+        reader: the layer's rows. rows: `(n,)` sorted global row ids of the training rows.
+        labels: `(n,)` int64 class ids on `device`. order: the row order. rank, world: this rank.
+        start_step: first step served (a resumed run starts at its step).
+        workers: parallel reads. where: names the store in errors.
     """
 
-    def __init__(
-        self,
-        store: ActivationStore,
-        layer: int,
-        split: str | list[str] | None,
-        categories: list[str] | None,
-        n_rows: int,
-        batch_size: int,
-        seed: int,
-        start_step: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        chunk_rows: int = 65536,
-        window_chunks: int = 8,
-        row_mask: np.ndarray | None = None,
-    ) -> None:
-        super().__init__()
-        self.row_mask = row_mask
-        self.store, self.layer, self.split, self.categories = store, layer, split, categories
-        self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
-        self.start_step, self.rank, self.world_size = start_step, rank, world_size
-        self.chunk_rows, self.window_chunks = chunk_rows, window_chunks
+    def __init__(self, reader: LayerReader, rows: np.ndarray, labels: torch.Tensor, order: RowOrder, rank: int,
+                 world: int, device: torch.device, device_dtype: torch.dtype, start_step: int = 0, workers: int = 4,
+                 where: str = "activation store") -> None:
+        self.reader, self.rows, self.labels, self.order = reader, rows, labels, order
+        self.rank, self.world, self.device, self.device_dtype = rank, world, device, device_dtype
+        self.where = where
+        self.cuda = device.type == "cuda"
+        capacity = order.steps_per_window * order.global_batch // world
+        self._host = [reader.empty(capacity, pin=self.cuda) for _ in range(2)]
+        self._free: queue.Queue[tuple[int, Any]] = queue.Queue()
+        for slot in range(2):
+            self._free.put((slot, None))
+        self._ready: queue.Queue[_Ready | BaseException] = queue.Queue()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="sae-read")
+        self._current: tuple[int, int] | None = None
+        self._next_step = int(start_step)
+        self._window: dict[str, Any] = {}
+        self._staged: dict[str, Any] | None = None  # the next window, copied ahead
+        if self.cuda:
+            storage = TORCH_STORAGE_DTYPES[reader.dtype_name]
+            self._device_bufs = [torch.empty((capacity, reader.d_model), dtype=storage, device=device) for _ in range(2)]
+            self._copy_stream = torch.cuda.Stream(device)
+            self._buf_free = [None, None]  # main-stream events after the last read of each device buffer
+            self._use = 0
+        epoch, window, _ = order.locate(start_step)
+        self._thread = threading.Thread(target=self._produce, args=(epoch, window), daemon=True, name="sae-stream")
+        self._thread.start()
 
-    def windows(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Shuffled windows `(x (m, d), labels (m,))` of one epoch, in stream order."""
-        pending_x: list[np.ndarray] = []
-        pending_y: list[np.ndarray] = []
-        window = 0
-        chunks = self.store.iter_chunks(self.layer, self.split, self.categories, chunk_rows=self.chunk_rows)
-        at = 0
-        for x, meta in chunks:
-            if self.row_mask is not None:
-                keep, at = self.row_mask[at: at + len(x)], at + len(x)
-                x, meta = x[keep], meta.select(keep)
-            check_finite_rows(x, f"{self.store.directory} layer {self.layer}")
-            pending_x.append(x)
-            pending_y.append(labels_from_categories(meta.category))
-            if len(pending_x) == self.window_chunks:
-                yield self._shuffle(pending_x, pending_y, epoch, window)
-                pending_x, pending_y, window = [], [], window + 1
-        if pending_x:
-            yield self._shuffle(pending_x, pending_y, epoch, window)
+    # ---- producer (background thread) ----------------------------------------------------------
+    def _produce(self, epoch: int, window: int) -> None:
+        try:
+            while not self._stop.is_set():
+                plan = self.order.plan(epoch, window, self.rank, self.world)
+                slot = self._take_free()
+                if slot is None:
+                    return
+                read_rows(self.reader, self.rows[plan.rows], self._host[slot], self._pool, self.where)
+                self._ready.put(_Ready(plan, self._host[slot], slot))
+                epoch, window = self.order.next_window(epoch, window)
+        except BaseException as error:  # raised on the training thread by the next batch()
+            self._ready.put(error)
 
-    def _shuffle(self, xs: list[np.ndarray], ys: list[np.ndarray], epoch: int, window: int) -> tuple[np.ndarray, np.ndarray]:
-        x, y = np.concatenate(xs), np.concatenate(ys)
-        order = np.random.default_rng([self.seed, epoch, window]).permutation(len(x))
-        return x[order], y[order]
-
-    def rows_from(self, position: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream pieces starting at global stream row `position`."""
-        epoch, skip = divmod(position, self.n_rows)
-        while True:
-            for x, y in self.windows(epoch):
-                if skip >= len(x):
-                    skip -= len(x)
-                    continue
-                yield x[skip:], y[skip:]
-                skip = 0
-            epoch += 1
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        global_batch = self.batch_size * self.world_size
-        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        buf_x: list[np.ndarray] = []
-        buf_y: list[np.ndarray] = []
-        buffered = 0
-        for x, y in self.rows_from(self.start_step * global_batch):
-            buf_x.append(x)
-            buf_y.append(y)
-            buffered += len(x)
-            if buffered < global_batch:
+    def _take_free(self) -> int | None:
+        while not self._stop.is_set():
+            try:
+                slot, event = self._free.get(timeout=0.1)
+            except queue.Empty:
                 continue
-            all_x, all_y = np.concatenate(buf_x), np.concatenate(buf_y)
-            n_full = len(all_x) // global_batch
-            for b in range(n_full):
-                start = b * global_batch
-                yield torch.from_numpy(all_x[start + lo : start + hi].copy()), torch.from_numpy(all_y[start + lo : start + hi].copy())
-            rest = n_full * global_batch
-            buf_x, buf_y, buffered = [all_x[rest:]], [all_y[rest:]], len(all_x) - rest
+            if event is not None:
+                event.synchronize()  # its copy to the device has finished
+            return slot
+        return None
+
+    # ---- consumer (training thread) ------------------------------------------------------------
+    def _get_ready(self, block: bool) -> _Ready | None:
+        try:
+            item = self._ready.get(block=block, timeout=None if block else 0)
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def _stage(self, item: _Ready) -> dict[str, Any]:
+        """Make a ready window usable on the device: an async copy on CUDA, the host buffer on the CPU."""
+        plan = item.plan
+        m = len(plan.rows)
+        step_rows = torch.from_numpy(plan.rows[plan.gather])  # selected-row ids per step (labels)
+        gather = torch.from_numpy(plan.gather)
+        if not self.cuda:  # the host buffer is the window; released when the window is left
+            return {"plan": plan, "x": as_torch(item.host[:m], self.reader.dtype_name), "gather": gather,
+                    "labels": step_rows, "slot": item.slot}
+        use = self._use
+        self._use ^= 1
+        with torch.cuda.stream(self._copy_stream):
+            if self._buf_free[use] is not None:
+                self._copy_stream.wait_event(self._buf_free[use])
+            buf = self._device_bufs[use][:m]
+            buf.copy_(as_torch(item.host[:m], self.reader.dtype_name), non_blocking=True)
+            gather_d = gather.pin_memory().to(self.device, non_blocking=True)
+            labels_d = step_rows.pin_memory().to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        self._free.put((item.slot, done))  # the producer reuses the host buffer after the copy
+        return {"plan": plan, "x": buf, "gather": gather_d, "labels": labels_d, "done": done, "use": use}
+
+    def _switch(self, key: tuple[int, int]) -> None:
+        previous = self._window
+        staged = self._staged
+        self._staged = None
+        if staged is None or (staged["plan"].epoch, staged["plan"].window) != key:
+            item = self._get_ready(block=True)
+            assert item is not None and (item.plan.epoch, item.plan.window) == key, "windows out of order"
+            staged = self._stage(item)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(staged["done"])
+            if previous:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device))
+                self._buf_free[previous["use"]] = event
+        elif previous:
+            self._free.put((previous["slot"], None))
+        self._window = staged
+        self._current = key
+
+    @property
+    def next_step(self) -> int:
+        """The step `batch` expects next."""
+        return self._next_step
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows and labels of global step `step` for this rank (steps must come in order)."""
+        if step != self._next_step:
+            raise RuntimeError(f"WindowStream serves steps in order: expected step {self._next_step}, got {step}")
+        self._next_step += 1
+        epoch, window, t = self.order.locate(step)
+        if self._current != (epoch, window):
+            self._switch((epoch, window))
+        if self.cuda and self._staged is None:  # copy the next window ahead, once it is read
+            item = self._get_ready(block=False)
+            if item is not None:
+                self._staged = self._stage(item)
+        win = self._window
+        positions = win["gather"][t]
+        x = win["x"].index_select(0, positions).to(self.device_dtype)
+        return x, self.labels.index_select(0, win["labels"][t])
+
+    def close(self) -> None:
+        """Stop the reader thread and release the file handles."""
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -52,7 +52,7 @@ class LatentTracker(nn.Module):
         n_tokens: Tensor | int = latent_values.shape[0]  # a Python int: a host-to-device tensor would sync
         if all_reduce is not None:
             counts = all_reduce(counts)
-            n_tokens = all_reduce(torch.tensor(n_tokens, dtype=torch.int64, device=counts.device))
+            n_tokens = all_reduce(counts.new_full((), n_tokens))  # filled on the device: no host copy
         self.window_fires += counts
         self.window_tokens += n_tokens
         since = self.tokens_since_fired + n_tokens

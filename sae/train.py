@@ -12,6 +12,7 @@ from sae.callbacks import RunExport, TrainProgress
 from sae.checkpoints import RunCheckpoints, resume_point, run_identity
 from sae.config import LOGGERS, TrainConfig
 from sae.data import ShardDataModule
+from sae.host_sync import throttle_sigterm_check
 from sae.module import SAELightningModule
 
 
@@ -99,8 +100,7 @@ def train_saes(
     datamodule = ShardDataModule(str(shards_dir), layer, cfg.data)
     datamodule.setup()  # layer, split, rows and finiteness checked before the run folder is touched
     module = SAELightningModule(cfg.sae.for_input(datamodule.d_model), seeds=list(cfg.seeds), optim=cfg.optim)
-    identity = run_identity(cfg, layer, datamodule.manifest_sha256, datamodule.d_model, bool(datamodule.in_memory),
-                            trainer_kwargs)
+    identity = run_identity(cfg, layer, datamodule.manifest_sha256, datamodule.d_model, trainer_kwargs)
     out.mkdir(parents=True, exist_ok=True)
     if _launched_child():  # rank 0 already prepared the folder: never clear or rewrite it here
         ckpt_path, on_mismatch = ("auto" if ckpt_path == "fresh" else ckpt_path), "error"
@@ -120,5 +120,6 @@ def train_saes(
         limit_val_batches=0,
         **trainer_kwargs,
     )
+    throttle_sigterm_check(pl_trainer, max(1, cfg.log_every_n_steps))  # no host sync per step (sae/host_sync.py)
     pl_trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True if resume else None)
     return out

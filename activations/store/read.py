@@ -36,6 +36,9 @@ from activations.store.format import (
 )
 
 
+COLUMN_BYTES = np.dtype("S64")
+"""Fixed width of category / split values read by `ActivationStore.column` (the vocabulary is shorter)."""
+
 _VERIFIED: set[tuple[str, int, int, int, str]] = set()
 """Shards whose sha256 this process has checked: (real path, size, mtime_ns, inode, expected sha256)."""
 _VERIFIED_LOCK = threading.Lock()
@@ -149,6 +152,7 @@ class ActivationStore:
         self.manifest: dict[str, Any] = read_manifest(self.directory)
         self._shards: list[dict[str, Any]] = list(self.manifest["shards"])
         self._meta_cache: dict[int, RowMeta] = {}
+        self._column_cache: dict[tuple[int, str], np.ndarray] = {}
         for entry in self._shards:
             self._check_shard_file(entry)
         if verify is True:
@@ -217,6 +221,24 @@ class ActivationStore:
             self._meta_cache[index] = read_shard_meta(self.directory / entry["file"], entry["rows"])
         return self._meta_cache[index]
 
+    def _shard_column(self, index: int, name: str) -> np.ndarray:
+        """One metadata column of one shard: `category` / `split` as fixed-width bytes (read by HDF5's
+        own conversion, no Python string per row: the fast path for millions of rows), numbers as stored."""
+        key = (index, name)
+        if key not in self._column_cache:
+            self._verify([index])
+            entry = self._shards[index]
+            path = self.directory / entry["file"]
+            with open_shard(path) as f:
+                if name not in f:
+                    raise ValueError(f"activation shard {path} lacks the dataset {name!r}")
+                ds = f[name]
+                values = ds.astype(COLUMN_BYTES)[...] if name in STRING_FIELDS else ds[...]
+            if len(values) != entry["rows"]:
+                raise ValueError(f"activation shard {path} has {len(values)} rows in {name!r}; the manifest says {entry['rows']}")
+            self._column_cache[key] = values
+        return self._column_cache[key]
+
     def _masks(self, split: str | Sequence[str] | None, categories: Sequence[str] | None) -> Iterator[tuple[int, np.ndarray | None]]:
         """Per shard: its index and a boolean row mask (None = every row)."""
         splits = _as_tuple(split, SPLITS, "split")
@@ -227,13 +249,22 @@ class ActivationStore:
             if splits is None and cats is None:
                 yield index, None
                 continue
-            meta = self._shard_meta(index)
-            mask = np.ones(len(meta), dtype=bool)
+            mask = np.ones(int(self._shards[index]["rows"]), dtype=bool)
             if splits is not None:
-                mask &= np.isin(meta.split, splits)
+                mask &= np.isin(self._shard_column(index, "split"), [s.encode() for s in splits])
             if cats is not None:
-                mask &= np.isin(meta.category, cats)
+                mask &= np.isin(self._shard_column(index, "category"), [c.encode() for c in cats])
             yield index, mask
+
+    def column(self, name: str, split: str | Sequence[str] | None = None,
+               categories: Sequence[str] | None = None) -> np.ndarray:
+        """One metadata column of the selected rows in store order, read without the others:
+        `category` / `split` as fixed-width bytes (`S64`), `position` / `token_id` as int32."""
+        parts = []
+        for index, mask in self._masks(split, categories):
+            values = self._shard_column(index, name)
+            parts.append(values if mask is None else values[mask])
+        return np.concatenate(parts) if parts else np.empty(0, dtype=COLUMN_BYTES if name in STRING_FIELDS else np.int32)
 
     def meta(self, split: str | Sequence[str] | None = None, categories: Sequence[str] | None = None) -> RowMeta:
         """Row metadata (no activations) of the selected rows, in store order."""
@@ -243,6 +274,16 @@ class ActivationStore:
             meta = self._shard_meta(index)
             parts.append(meta if mask is None else meta.select(mask))
         return RowMeta.concat(parts)
+
+    def row_ids(self, split: str | Sequence[str] | None = None, categories: Sequence[str] | None = None) -> np.ndarray:
+        """Sorted int64 global row ids (shards concatenated in manifest order) of the selected rows;
+        row i of `meta(split, categories)` is global row `row_ids(...)[i]` (`activations.store.raw`)."""
+        parts, first = [], 0
+        for index, mask in self._masks(split, categories):
+            rows = int(self._shards[index]["rows"])
+            parts.append(first + (np.arange(rows, dtype=np.int64) if mask is None else np.flatnonzero(mask).astype(np.int64)))
+            first += rows
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
     # ---- activations -------------------------------------------------------------------------
     def _dataset(self, f: h5py.File, layer: int, index: int) -> h5py.Dataset:

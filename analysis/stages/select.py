@@ -42,7 +42,7 @@ from activations.store import ActivationStore
 from analysis.evaluation.stability import consensus_features, match_all_pairs
 from analysis.stages.command import Command
 from analysis.stages.context import PipelineStage, RunContext
-from probes.heads import HeadResult, evaluate_head, fit_ovr_heads, select_l1_head
+from probes.heads import SOLVERS, HeadResult, resolve_solver, evaluate_head, fit_ovr_heads, select_l1_head
 from probes.latents import encode_latents, sae_summary
 from probes.metrics import classification_summary
 from probes.rows import (
@@ -71,7 +71,11 @@ class Config:
         n_bootstrap: bootstrap refits for stability selection (0 = plain top-k of the head).
         stability_threshold: a feature is stable when selected in at least this fraction of refits.
         C_grid: inverse L1 strengths tried; the one with the best calibrate macro-F1 is used.
-        max_iter, tol: saga epochs and stopping tolerance per fit.
+        solver: "torch" (batched working-set FISTA on the run's device, `probes/l1_solver.py`),
+            "sklearn" (saga on the CPU, the reference; faster than torch on a CPU) or "auto" (torch
+            on a CUDA device, sklearn otherwise); both minimise the same L1 logistic objective.
+        max_iter, tol: saga epochs and stopping tolerance per fit (solver sklearn).
+        torch_max_iter, torch_tol: FISTA iterations and gradient-mapping tolerance (solver torch).
         tau: a feature is active on a row when its value exceeds tau.
         contrast_as: contrast rows count as benign, or are dropped from the heads.
         categories: refusal categories separated from benign.
@@ -87,8 +91,11 @@ class Config:
     n_bootstrap: int = 8
     stability_threshold: float = 0.5
     C_grid: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    solver: Literal["auto", "torch", "sklearn"] = "auto"
     max_iter: int = 2000
     tol: float = 1e-4
+    torch_max_iter: int = 20000
+    torch_tol: float = 1e-3
     tau: float = 0.0
     contrast_as: Literal["benign", "drop"] = "benign"
     categories: list[str] = field(default_factory=lambda: list(REFUSAL_CATEGORIES))
@@ -121,6 +128,10 @@ class Config:
                              f"got {list(self.categories)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.solver not in ("auto", *SOLVERS):
+            raise ValueError(f"solver must be one of {('auto', *SOLVERS)}, got {self.solver!r}")
+        if min(self.max_iter, self.torch_max_iter) < 1 or not min(self.tol, self.torch_tol) > 0:
+            raise ValueError("max_iter / torch_max_iter must be >= 1 and tol / torch_tol > 0")
 
 
 def evaluate_ovr_head(head: HeadResult, eval_rows: LabelledRows, contrast_as: str = "benign",
@@ -141,23 +152,26 @@ def _truncate(selections: dict[str, ClassSelection], top_k: int) -> dict[str, Cl
 
 
 def _select_one(rows: LabelledRows, out: Path, meta: dict[str, Any], cfg: Config, classes: tuple[str, ...],
-                seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                seed: int, device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     """Heads, evaluation and selection for one feature matrix; writes its files into `out`.
 
     Returns (report entry, the pieces of features.json so the caller can write a reference copy).
     """
     extract, calibrate, eval_rows = (rows.only(s) for s in SPLITS)
     top_k, n_bootstrap, threshold, c_grid = cfg.top_k, cfg.n_bootstrap, cfg.stability_threshold, cfg.C_grid
-    tau, contrast_as, n_boot_ci, max_iter, tol = cfg.tau, cfg.contrast_as, cfg.n_boot_ci, cfg.max_iter, cfg.tol
-    fit = {"classes": classes, "contrast_as": contrast_as, "seed": seed, "max_iter": max_iter, "tol": tol}
+    tau, contrast_as, n_boot_ci = cfg.tau, cfg.contrast_as, cfg.n_boot_ci
+    solver = resolve_solver(cfg.solver, device)
+    torch_solver = solver == "torch"
+    solve = {"solver": solver, "device": device, "max_iter": cfg.torch_max_iter if torch_solver else cfg.max_iter,
+             "tol": cfg.torch_tol if torch_solver else cfg.tol}
+    fit = {"classes": classes, "contrast_as": contrast_as, "seed": seed, **solve}
     head = select_l1_head(extract, calibrate, c_grid, meta=dict(meta), **fit)
     probe_eval = evaluate_head(head, eval_rows, contrast_as, n_boot=n_boot_ci, seed=seed)
     ovr = fit_ovr_heads(extract, calibrate, c_grid, categories=classes[1:], contrast_as=contrast_as,
-                        seed=seed, meta=dict(meta), max_iter=max_iter, tol=tol)
+                        seed=seed, meta=dict(meta), **solve)
     if n_bootstrap > 0:
         stability = stability_selection(extract, head.C, n_bootstrap=n_bootstrap, threshold=threshold,
-                                        top_k=top_k, seed=seed, classes=classes, contrast_as=contrast_as,
-                                        max_iter=max_iter, tol=tol)
+                                        top_k=top_k, seed=seed, classes=classes, contrast_as=contrast_as, **solve)
         selections = _truncate(stability.selections(), top_k)
         save_numpy_tensors(out / "stability.safetensors",
                            {"frequency": stability.frequency, "mean_weight": stability.mean_weight})
@@ -168,7 +182,8 @@ def _select_one(rows: LabelledRows, out: Path, meta: dict[str, Any], cfg: Config
     dense: dict[str, ClassSelection] | None = None
     if meta["space"] == "sae" and cfg.dense_frequency is not None:
         selections, dense = split_dense(selections, dense_everywhere(act_freq, cfg.dense_frequency))
-    features_meta = {**meta, "method": method, "dense_frequency": cfg.dense_frequency if dense is not None else None, "C": head.C, "top_k": top_k, "n_bootstrap": n_bootstrap,
+    features_meta = {**meta, "method": method, "solver": solver, "dense_frequency": cfg.dense_frequency if dense is not None else None,
+                     "C": head.C, "top_k": top_k, "n_bootstrap": n_bootstrap,
                      "stability_threshold": threshold if n_bootstrap > 0 else None, "c_grid": [float(c) for c in c_grid],
                      "contrast_as": contrast_as, "tau": tau, "n_features": rows.d, "splits": head.meta["splits"]}
     write_features_json(str(out / FEATURES_NAME), selections, act_freq, probe_eval, features_meta, dense)
@@ -202,8 +217,11 @@ def run_selection(
     cfg: Config,
     seed: int = 0,
     sae_run: str | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run the select stage at `layer` (saes=None: residual units; else each SAE seed) -> the report dict.
+
+    `device`: where the torch solver runs (the SAEs' device when given).
 
     Every category of `("benign", *cfg.categories)` needs rows in each of extract / calibrate / eval.
     Rows of refusal categories outside `cfg.categories` are left out (counted under "dropped_rows").
@@ -223,12 +241,12 @@ def run_selection(
     runs: dict[str, Any] = {}
     reference: dict[str, Any] | None = None
     if saes is None:
-        runs["residual"], _ = _select_one(rows, out, base, cfg, classes, seed)
+        runs["residual"], _ = _select_one(rows, out, base, cfg, classes, seed, device)
     else:
         for sae_seed, sae in saes.items():
             z = encode_latents(sae, rows.features, cfg.batch_size, desc=f"encode seed {sae_seed}")
             meta = {**base, "sae_seed": sae_seed, "sae_run": sae_run, "d_sae": sae.d_sae}
-            entry, pieces = _select_one(rows.with_features(z), out / f"seed_{sae_seed}", meta, cfg, classes, seed)
+            entry, pieces = _select_one(rows.with_features(z), out / f"seed_{sae_seed}", meta, cfg, classes, seed, device)
             entry["sae"] = sae_summary(sae, z[rows.splits == "extract"])
             runs[f"seed_{sae_seed}"] = entry
             if reference is None:
@@ -294,7 +312,7 @@ class Inputs:
         sae: SAE training run folder (RUN/seed_<s>/) or one SAE folder; needed for --space sae.
         seeds: SAE seeds to use (default: all; the first is the reference).
         seed: seed of the fits and bootstrap resamples.
-        device: device for SAE encoding: auto | cpu | cuda | cuda:N.
+        device: device for SAE encoding and the torch solver: auto | cpu | cuda | cuda:N.
     """
 
     acts: Path
@@ -322,7 +340,7 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
     elif inputs.sae is not None:
         print(f"note: --space residual ignores --sae {inputs.sae}", file=sys.stderr)
     return run_selection(store, inputs.layer, saes, inputs.out, cfg, seed=inputs.seed,
-                         sae_run=None if saes is None else str(inputs.sae))
+                         sae_run=None if saes is None else str(inputs.sae), device=str(resolve_device(inputs.device)))
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -364,8 +382,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     store = ActivationStore(store_dir(ctx, "last"))
     out = ctx.stage_dir(NAME)
     sae_report = run_selection(store, ctx.layer, run_saes(ctx), out / "sae", cfg, seed=ctx.cfg.seed,
-                               sae_run=str(ctx.stage_dir("train")))
-    residual_report = run_selection(store, ctx.layer, None, out / "residual", cfg, seed=ctx.cfg.seed)
+                               sae_run=str(ctx.stage_dir("train")), device=ctx.device)
+    residual_report = run_selection(store, ctx.layer, None, out / "residual", cfg, seed=ctx.cfg.seed, device=ctx.device)
     return {"sae": _probe_metrics(sae_report), "residual": _probe_metrics(residual_report)}
 
 

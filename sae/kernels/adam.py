@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from sae.kernels import triton as triton_kernels
+from sae.kernels.ddp import PendingTerms, start_gather
 from sae.kernels.fused import (DeferredGrads, DenseRowsTerm, RowGradTerm, adam_update_, merge_dense_terms, merge_terms,
                        reference_row_grad_adam)
 from sae.model import SparseAutoencoder
@@ -45,6 +46,7 @@ class FusedAdam(torch.optim.Optimizer):
         eps: float = 1e-8,
         names: Sequence[str] | None = None,
         exp_avg_dtype: torch.dtype = torch.float32,
+        world_size: int = 1,
     ) -> None:
         if exp_avg_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"exp_avg_dtype must be float32 or bfloat16, got {exp_avg_dtype}")
@@ -53,6 +55,8 @@ class FusedAdam(torch.optim.Optimizer):
         super().__init__(groups, {"lr": lr, "betas": tuple(betas), "eps": eps})
         self._saes = list(saes)
         self.exp_avg_dtype = exp_avg_dtype
+        self.world_size = int(world_size)
+        """> 1: data-parallel; the matrices' deferred terms are gathered from every rank (`sae/kernels/ddp.py`)."""
 
     def _state_for(self, p: Tensor, matrix: bool) -> dict[str, Any]:
         state = self.state[p]
@@ -72,29 +76,42 @@ class FusedAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        collected = []
         for group, sae in zip(self.param_groups, self._saes):
             store = sae.deferred
             if store is None:
                 raise RuntimeError("FusedAdam needs SAEs switched to the fused path (sae.use_fused_training())")
-            for name, p in sae.named_parameters():
+            params = dict(sae.named_parameters())
+            # every matrix's terms first, so that the data-parallel gathers all travel at once
+            matrices = {name: self._collect(store, name, params[name]) for name in MATRICES if name in params}
+            collected.append((group, sae, store, params, matrices))
+        for group, sae, store, params, matrices in collected:
+            for name, p in params.items():
                 if name in MATRICES:
-                    self._update_matrix(group, name, p, store)
+                    self._update_matrix(group, name, p, store, matrices[name])
                 elif p.grad is not None:
                     self._update_dense(group, p)
             store.clear()
         return loss
 
-    def _update_matrix(self, group: dict[str, Any], name: str, p: Tensor, store: DeferredGrads) -> None:
+    def _collect(self, store: DeferredGrads, name: str, p: Tensor) -> Any:
+        """This step's terms of one matrix (merged), or the pending gathers of every rank's terms."""
         terms = store.pop(name)
-        if not terms:  # no backward reached this matrix: like a parameter with grad None
-            return
-        state = self._state_for(p, matrix=True)
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
         row_terms = [t for t in terms if isinstance(t, RowGradTerm)]
         dense_terms = [t for t in terms if isinstance(t, DenseRowsTerm)]
         term = merge_terms(row_terms, p.shape[0]) if row_terms else None
         dense = merge_dense_terms(dense_terms) if dense_terms else None
+        if self.world_size > 1 and (term is not None or dense is not None):
+            return start_gather(term, dense, p.shape[0], self.world_size)
+        return term, dense
+
+    def _update_matrix(self, group: dict[str, Any], name: str, p: Tensor, store: DeferredGrads, collected: Any) -> None:
+        term, dense = collected.wait() if isinstance(collected, PendingTerms) else collected
+        if term is None and dense is None:  # no backward reached this matrix: like a parameter with grad None
+            return
+        state = self._state_for(p, matrix=True)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
         options = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=int(state["step"]),
                        remove_parallel=name == "W_dec", renorm=name == "W_dec")
         if term is None or not triton_kernels.available(p.device):  # (no sparse term: only a custom loss does that)

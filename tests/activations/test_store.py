@@ -125,6 +125,33 @@ def test_failed_shard_write_leaves_no_partial_shard(tmp_path: Path, monkeypatch:
     assert store.n_rows == 4 and store.load(1)[1].prompt_id.tolist() == ["p000", "p001", "p002", "p003"]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_shard_checksum_computed_while_writing_equals_the_files(tmp_path: Path, dtype: str) -> None:
+    """The sha256 taken from the blocks in memory (while they are written) is the file's sha256."""
+    from activations.io import file_sha256
+    from activations.store.format import encode_rows
+
+    rng = np.random.default_rng(3)
+    blocks = {l: [encode_rows(rng.standard_normal((k, 64)).astype(np.float32), dtype) for k in (5, 1, 9)] for l in LAYERS}
+    n = 15
+    columns = {"prompt_id": np.repeat(np.array(["a", "b", "c"], dtype=object), [5, 1, 9]),
+               "category": np.full(n, "benign", dtype=object), "split": np.full(n, "extract", dtype=object),
+               "position": np.arange(n), "token_id": np.arange(n), "position_kind": np.ones(n, dtype=np.int8), **{f"layer_{l}": blocks[l] for l in LAYERS}}
+    sha = store_commit.write_shard_file(tmp_path / "s.h5", columns, LAYERS, dtype)
+    assert sha == file_sha256(tmp_path / "s.h5")
+    with h5py.File(tmp_path / "s.h5") as f:
+        assert np.array_equal(f["layer_3"][...].view(np.uint16), np.concatenate(blocks[3]).view(np.uint16))
+
+
+def test_a_failed_activation_write_is_raised_after_the_checksum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts = make_prompts(8, "last")
+    w = writer(tmp_path)
+    monkeypatch.setattr(store_commit.os, "pwritev", lambda *a: (_ for _ in ()).throw(OSError("no space left")))
+    with pytest.raises(OSError, match="no space left"):
+        write_all(w, prompts[:4])
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
 def test_kill_between_shard_rename_and_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = make_prompts(8, "last")
     w = writer(tmp_path)

@@ -152,6 +152,21 @@ def test_select_residual_space_finds_planted_coordinates(planted, tmp_path, caps
         assert report["runs"]["residual"]["ovr"][category]["eval"]["accuracy"]["rate"] > 0.9
 
 
+def test_select_with_the_torch_solver_finds_the_same_planted_coordinates(planted, tmp_path, capsys):
+    """`--select.solver torch` (the GPU path, here on the CPU) selects what the reference does."""
+    out = tmp_path / "sel_torch"
+    code = select_main(["--space", "residual", "--acts", str(planted["acts"]), "--layer", str(LAYER), "--out",
+                        str(out), "--top-k", "3", "--n-bootstrap", "2", "--C-grid", *C_GRID, "--n-boot-ci", "200",
+                        "--select.solver", "torch", "--device", "cpu"])
+    assert code == 0
+    features = json.loads((out / "features.json").read_text())
+    assert features["meta"]["solver"] == "torch"
+    for category in REFUSAL_CATEGORIES:
+        assert features["per_class"][category]["feature_ids"][0] == planted_coordinate(category)
+    report = json.loads((out / "select_report.json").read_text())
+    assert report["runs"]["residual"]["probe_eval"]["accuracy"]["rate"] > 0.9
+
+
 def test_select_sae_space_per_seed(selection):
     report = json.loads((selection / "select_report.json").read_text())
     assert set(report["runs"]) == {"seed_0", "seed_1"} and report["reference_seed"] == 0

@@ -67,16 +67,14 @@ def test_rules_remove_prefix_sink_and_duplicates_and_are_counted(store: Path) ->
 
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_the_data_module_serves_only_the_selected_rows(store: Path, in_memory: bool) -> None:
-    data = DataConfig(batch_size=197, in_memory=in_memory, chunk_rows=50, window_chunks=2)
+    data = DataConfig(batch_size=197, lanes=1, in_memory=in_memory, chunk_rows=50, window_chunks=2)
     dm = ShardDataModule(str(store), LAYER, data)
     dm.setup()
     assert dm.n_rows == 197
     x_all, meta = ActivationStore(store).load(LAYER, "extract")
     expected = {row.tobytes() for row in x_all[dm.selection.index]}
-    if in_memory:
-        batch, _ = dm.batch_for_step(0, torch.device("cpu"))  # one epoch = one batch of 197 rows
-    else:
-        batch, _ = next(iter(dm.train_dataloader()))
+    batch, _ = dm.batch_for_step(0, torch.device("cpu"))  # one epoch = one batch of 197 rows (both modes)
+    dm.close_stream()
     served = {row.tobytes() for row in batch.numpy()}
     assert served == expected
 

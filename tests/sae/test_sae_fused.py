@@ -154,11 +154,14 @@ def test_fused_lightning_run_resumes_exactly_and_matches_the_standard_run(tmp_pa
             torch.testing.assert_close(getattr(a[seed], name), getattr(c[seed], name), rtol=1e-4, atol=1e-5)
 
 
-def test_fused_true_with_several_ranks_is_refused() -> None:
+def test_fused_with_several_ranks_gathers_and_bad_options_are_refused() -> None:
+    # data parallelism keeps the fused path: FusedAdam gathers every rank's deferred terms, and DDP
+    # is told to leave the two matrices alone (equality with one device: tests/sae/test_sae_ddp.py)
     module = SAELightningModule(SAEConfig(d_in=8, d_sae=32, k=2), optim=OptimConfig(fused=True))
     module._trainer = SimpleNamespace(world_size=2, max_steps=10, strategy=object(), global_rank=0)  # type: ignore[assignment]
-    with pytest.raises(ValueError, match="fused=True defers gradients that DDP cannot all-reduce"):
-        module.configure_optimizers()
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, FusedAdam) and optimizer.world_size == 2
+    assert module._ddp_params_and_buffers_to_ignore == ["saes.0.W_enc_rows", "saes.0.W_dec"]
     with pytest.raises(ValueError, match="exp_avg_dtype must be float32 or bfloat16"):
         SAELightningModule(SAEConfig(d_in=8, d_sae=32, k=2), optim={"exp_avg_dtype": "float16"})
     with pytest.raises(RuntimeError, match="switched to the fused path"):

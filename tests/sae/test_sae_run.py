@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from activations.store import ActivationStore
 from analysis.cli import main as cli_main
 from analysis.stages import train as train_stage
 from analysis.stages.command import translate_argv
@@ -19,7 +18,6 @@ from sae.config import DataConfig, OptimConfig, SAEConfig, TrainConfig
 from sae.data import ShardDataModule
 from sae.export import load_sae_run
 from sae.losses import NonFiniteLossError
-from sae.stream import ShuffledStream
 from sae.train import train_saes
 from tests.helpers.sae_fixtures import one_torch_thread, two_category_store  # noqa: F401
 
@@ -86,15 +84,16 @@ def test_data_order_is_a_function_of_step_and_ranks_split_the_global_batch(store
         assert torch.equal(torch.cat([p[1] for p in parts]), y_all)
     assert set(y_all.tolist()) <= {0, 4}  # benign and safety class ids
 
-    kwargs = dict(chunk_rows=100, window_chunks=2, seed=0)
-    reader = ActivationStore(store)
-    full = ShuffledStream(reader, LAYER, "extract", None, 600, 256, **kwargs)
-    it = iter(full)
-    batches = [next(it) for _ in range(4)]
-    late = next(iter(ShuffledStream(reader, LAYER, "extract", None, 600, 128, start_step=3, rank=1, world_size=2, **kwargs)))
-    assert torch.equal(late[0], batches[3][0][128:])
-    epoch_rows = torch.cat([b[0] for b in batches])[:600]
-    assert len(np.unique(epoch_rows.numpy(), axis=0)) == 600  # one epoch sees every row once
+    streamed = ShardDataModule(str(store), LAYER, DataConfig(batch_size=256, in_memory=False, chunk_rows=100,
+                                                             window_chunks=2))
+    batches = [streamed.batch_for_step(step, cpu)[0] for step in range(4)]
+    streamed.close_stream()
+    late = ShardDataModule(str(store), LAYER, DataConfig(batch_size=128, in_memory=False, chunk_rows=100,
+                                                         window_chunks=2))
+    assert torch.equal(late.batch_for_step(3, cpu, rank=1, world_size=2)[0], batches[3][128:])
+    late.close_stream()
+    epoch_rows = torch.cat(batches[:3])  # ceil(600 / 256) = 3 steps per epoch
+    assert len(np.unique(epoch_rows.numpy(), axis=0)) == 600  # one epoch sees every row
 
 
 def test_bad_inputs_give_one_clear_error(store: Path, tmp_path: Path) -> None:
