@@ -20,7 +20,6 @@ what the model would have said.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from activations.io import iter_jsonl
+from activations.prompts.readers import read_file_rows
 from activations.stats import bootstrap_ci_rows
 from activations.tokenize import (
     format_prompt,
@@ -70,7 +69,7 @@ def load_benign_texts(spec: str, limit: int | None = None) -> list[BenignText]:
     path = Path(location)
     if not path.is_file():
         raise FileNotFoundError(f"benign-text file not found: {location} (spec {spec!r})")
-    rows = _read_rows(path)
+    rows = read_file_rows(path, "jsonl" if path.suffix == ".jsonl" else "json", spec)
     items = []
     for line, row in enumerate(rows, start=1):
         item = _item(kind, row, f"{path.stem}/{line}", f"{path}:{line}")
@@ -81,18 +80,6 @@ def load_benign_texts(spec: str, limit: int | None = None) -> list[BenignText]:
     if not items:
         raise ValueError(f"benign-text source {spec!r} holds no usable requests")
     return items
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".jsonl":
-        return [row for _, row in iter_jsonl(path, "benign-text file")]
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise ValueError(f"{path} must hold a JSON array of objects")
-    return data
 
 
 def _item(kind: str, row: dict[str, Any], item_id: str, where: str) -> BenignText | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from activations.io import write_json
+from activations.model_loading import ModelOptions
 
 RUN_MARKERS = ("config.yaml", "prompts/prompts.json", "vectors/lowrank", "gates/distance.json", "gates/probe.json")
 """Paths a finished run folder holds (relative to it)."""
@@ -46,6 +47,11 @@ def evaluate_run(cfg: Any, inputs: Any) -> dict[str, Any]:
     given = [f"--{name}" for name in FROM_RUN if getattr(inputs, name) is not None]
     if given:
         raise ValueError(f"--run takes the model, tokens, layer, vectors, gates and SAE from the run; drop {given[0]}")
+    defaults = ModelOptions()
+    changed = [f"--{name}" for name in ("model_dtype", "max_length", "chat_template")
+               if getattr(inputs, name) != getattr(defaults, name)]
+    if changed:
+        raise ValueError(f"--run runs the model as the run did (its model_dtype, max_length, chat_template); drop {changed[0]}")
     ctx = load_run(Path(inputs.run), inputs.device)
     run_eval = ctx.cfg.evaluate
     ctx.cfg.evaluate = replace(run_eval, positions=cfg.positions or run_eval.positions,

@@ -155,6 +155,8 @@ def test_steer_run_reproduces_the_baseline_of_a_finished_run(pipeline_run, tmp_p
     assert held["n"] == splits["eval"]["n"] and held["refusal"]["baseline"] == summary["refusal"]["baseline"]
     assert cli_main([*common, "--model", "x", "--out", str(out)]) == 2
     assert "drop --model" in capsys.readouterr().err
+    assert cli_main([*common, "--max_length", "64", "--out", str(out)]) == 2  # the run's settings, not ignored ones
+    assert "drop --max_length" in capsys.readouterr().err
     assert cli_main(["steer", "--run", str(tmp_path), "--prompts", PROMPTS, "--out", str(out)]) == 2
     assert "not a finished pipeline run" in capsys.readouterr().err
 
