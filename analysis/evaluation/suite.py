@@ -10,9 +10,10 @@ condition, the hook point every evaluation in this package takes:
   steer_toward / _away   +/- alpha * v_global on every row
   steer_lowrank          +alpha * the low-rank combined vector (when the run has one)
   conditional_<gate>     each row steered by its gate's decision (`plan_from_decisions`)
-  ablate                 the selected SAE features zeroed (when the suite has an ablation)
+  ablate (and any other named intervention context, e.g. a random-feature control)
+                         the suite's `interventions`, applied to every row
 
-    suite = ConditionSuite(setup, alpha, vectors, lowrank, gates, ablation)
+    suite = ConditionSuite(setup, alpha, vectors, lowrank, gates, {"ablate": ablate_context})
     inputs = suite.row_inputs([r.text for r in records])
     results, decisions = refusal_under_conditions(suite, records, inputs)
 """
@@ -70,8 +71,9 @@ class ConditionSuite:
     """The conditions of one run (see the module docstring).
 
     `vectors`: category name -> (d_model,) float32, including "global"; `gates`: condition name ->
-    `GateFn`; `ablation`: the `make_context` of the "ablate" condition, or None. `chat_template` is
-    the harvest's, used when residuals are computed here.
+    `GateFn`; `interventions`: condition name -> `make_context` applied to every row (e.g. "ablate":
+    the selected SAE features zeroed). `chat_template` is the harvest's, used when residuals are
+    computed here.
     """
 
     setup: EvalSetup
@@ -79,7 +81,7 @@ class ConditionSuite:
     vectors: dict[str, np.ndarray]
     lowrank: np.ndarray | None = None
     gates: dict[str, GateFn] = field(default_factory=dict)
-    ablation: MakeContext | None = None
+    interventions: dict[str, MakeContext] = field(default_factory=dict)
     chat_template: bool = True
 
     def __post_init__(self) -> None:
@@ -91,8 +93,7 @@ class ConditionSuite:
         """Condition names in report order."""
         names = ["baseline", "steer_toward", "steer_away"]
         names += ["steer_lowrank"] if self.lowrank is not None else []
-        names += list(self.gates)
-        return names + (["ablate"] if self.ablation is not None else [])
+        return names + list(self.gates) + list(self.interventions)
 
     def row_inputs(self, texts: Sequence[str], features: np.ndarray | None = None,
                    logits: torch.Tensor | None = None) -> RowInputs:
@@ -125,8 +126,7 @@ class ConditionSuite:
             plans[name] = plan_from_decisions(found, self.vectors, d_model)
         contexts: dict[str, MakeContext | None] = {"baseline": None}
         contexts.update({name: plan.context(setup) for name, plan in plans.items()})
-        if self.ablation is not None:
-            contexts["ablate"] = self.ablation
+        contexts.update(self.interventions)
         return {name: contexts[name] for name in self.names}, decisions
 
     def strength_context(self, n: int, alpha: float) -> MakeContext:

@@ -64,5 +64,5 @@ def build_suite(ctx: RunContext) -> RunSuite:
         return ablate_features(adapter, ctx.layer, sae, ids)
 
     suite = ConditionSuite(setup, cfg.alpha, residual_vectors(ctx), vector_set(ctx, "lowrank")["lowrank"].vector.numpy(),
-                           gates, ablation, ctx.cfg.chat_template)
+                           gates, {"ablate": ablation}, ctx.cfg.chat_template)
     return RunSuite(suite, saes, reference_seed, distance)
