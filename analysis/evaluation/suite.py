@@ -115,19 +115,23 @@ class ConditionSuite:
         `positions` overrides the setup's (capability scoring needs "all": a forward without a KV
         cache has no generated positions)."""
         setup = self.setup if positions is None else replace(self.setup, positions=positions)
+        plans, decisions = self.plans(inputs)
+        contexts: dict[str, MakeContext | None] = {"baseline": None}
+        contexts.update({name: plan.context(setup) for name, plan in plans.items()})
+        contexts.update(self.interventions)
+        return {name: contexts[name] for name in self.names}, decisions
+
+    def plans(self, inputs: RowInputs) -> tuple[dict[str, Plan], dict[str, list]]:
+        """`({steering condition: per-row Plan}, {gated condition: decisions})` for these rows."""
         n = len(inputs.texts)
         plans = {"steer_toward": Plan.uniform(self.vectors["global"], self.alpha, n),
                  "steer_away": Plan.uniform(self.vectors["global"], -self.alpha, n)}
         if self.lowrank is not None:
             plans["steer_lowrank"] = Plan.uniform(self.lowrank, self.alpha, n)
         decisions = {name: decide(inputs) for name, decide in self.gates.items()}
-        d_model = setup.adapter.d_model
         for name, found in decisions.items():
-            plans[name] = plan_from_decisions(found, self.vectors, d_model)
-        contexts: dict[str, MakeContext | None] = {"baseline": None}
-        contexts.update({name: plan.context(setup) for name, plan in plans.items()})
-        contexts.update(self.interventions)
-        return {name: contexts[name] for name in self.names}, decisions
+            plans[name] = plan_from_decisions(found, self.vectors, self.setup.adapter.d_model)
+        return plans, decisions
 
     def strength_context(self, n: int, alpha: float) -> MakeContext:
         """`make_context` of unconditional steering with alpha * v_global (any sign) on n rows."""
@@ -138,17 +142,33 @@ def refusal_under_conditions(suite: ConditionSuite, records: Sequence[PromptReco
                              progress: bool = True) -> tuple[dict[str, list[RefusalResult]], dict[str, list]]:
     """Refusal of `records` under every condition: `({condition: results}, {gate: decisions})`.
 
-    The baseline comes from `inputs.logits` (the unsteered first-token logits), so it costs no pass.
+    The baseline comes from `inputs.logits` (the unsteered first-token logits), so it costs no pass;
+    under a gated condition the rows its gate leaves unsteered keep their baseline result, and only
+    the steered rows run (in their order, so the batches are the same for the same prompts).
     """
     records = list(records)
-    contexts, decisions = suite.contexts(inputs)
-    results = {"baseline": build_results(records, first_token_decisions(inputs.logits), refusal_log_odds(inputs.logits))}
-    for name, context in contexts.items():
-        if name == "baseline":
+    plans, decisions = suite.plans(inputs)
+    baseline = build_results(records, first_token_decisions(inputs.logits), refusal_log_odds(inputs.logits))
+    results = {"baseline": baseline}
+    for name in suite.names[1:]:
+        if name in decisions:  # a row its gate leaves alone is the baseline run: only steered rows run
+            active = np.flatnonzero(plans[name].alphas != 0)
+            found = list(baseline)
+            if progress:
+                print(f"  condition {name} ({active.size} of {len(records)} prompts steered)", flush=True)
+            if active.size:
+                steered = run_refusal(suite.setup, [records[i] for i in active],
+                                      Plan(plans[name].vectors[active], plans[name].alphas[active]))
+                for i, r in zip(active, steered):
+                    found[i] = r
+            results[name] = found
             continue
         if progress:
             print(f"  condition {name} ({len(records)} prompts)", flush=True)
-        results[name] = run_refusal(suite.setup, records, context=context)
+        if name in suite.interventions:
+            results[name] = run_refusal(suite.setup, records, context=suite.interventions[name])
+        else:
+            results[name] = run_refusal(suite.setup, records, plans[name])
     return results, decisions
 
 
