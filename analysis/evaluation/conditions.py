@@ -131,6 +131,15 @@ def refusal_table(results: Sequence[RefusalResult]) -> dict[str, dict[str, Any]]
     return table
 
 
+def length_order(records: Sequence[PromptRecord], tokenizer: Any, chat_template: bool = True) -> np.ndarray:
+    """Indices `(n,)` that sort `records` by formatted prompt length, then id: batches in this order
+    carry little padding, and the order does not depend on the order the records came in."""
+    from activations.tokenize import token_lengths
+
+    lengths = token_lengths(tokenizer, [r.text for r in records], chat_template)
+    return np.lexsort((np.array([r.id for r in records], dtype=object).astype(str), np.asarray(lengths)))
+
+
 def rates_of(results: Sequence[RefusalResult]) -> tuple[float, float]:
     """(over-refusal rate, harmful refusal rate) of a result list, for gate tuning objectives."""
     refused = np.array([r.refused for r in results])
@@ -139,3 +148,35 @@ def rates_of(results: Sequence[RefusalResult]) -> tuple[float, float]:
     harm = np.isin(cats, list(REFUSAL_CATEGORIES))
     return float(refused[over].mean()) if over.any() else 0.0, float(refused[harm].mean()) if harm.any() else 0.0
 
+
+
+def cached_outcome(setup: EvalSetup, records: Sequence[PromptRecord], baseline: Sequence[RefusalResult],
+                   vectors: Mapping[str, np.ndarray]) -> Callable[[Sequence[Any]], tuple[float, float]]:
+    """Gate-tuning objective `outcome(decisions) -> (over-refusal, harmful refusal)` on `records`.
+
+    A row the decisions leave alone keeps its `baseline` verdict (an unsteered row is the baseline
+    run); a steered row is run under its plan, and its verdict is remembered per (row, category,
+    signed strength), so a grid whose points share strengths runs each row at most once per
+    direction. Labels are read here, by the objective, never by a gate.
+    """
+    base = np.array([r.refused for r in baseline], dtype=bool)
+    if len(base) != len(records):
+        raise ValueError(f"baseline has {len(base)} results for {len(records)} records")
+    cache: dict[tuple[int, str, float], bool] = {}
+
+    def key(d: Any) -> tuple[int, str, float]:
+        return (int(d.row), str(d.category), float(d.signed_strength))
+
+    def outcome(decisions: Sequence[Any]) -> tuple[float, float]:
+        steered = [d for d in decisions if d.signed_strength != 0 and d.category in vectors]
+        todo = list({key(d): d for d in steered if key(d) not in cache}.values())
+        if todo:
+            plan = plan_from_decisions(todo, vectors, setup.adapter.d_model)
+            for d, found in zip(todo, run_refusal(setup, [records[d.row] for d in todo], plan)):
+                cache[key(d)] = found.refused
+        refused = base.copy()
+        for d in steered:
+            refused[d.row] = cache[key(d)]
+        return rates_of([RefusalResult(r.id, r.category, r.source, bool(f), "token") for r, f in zip(records, refused)])
+
+    return outcome

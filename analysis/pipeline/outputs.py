@@ -13,6 +13,7 @@ from analysis.stages.analyze import analysis_path
 from analysis.stages.context import RunContext
 from analysis.stages.evaluate import results_path
 from analysis.stages.features import cards_path, read_cards
+from analysis.stages.gates import NAME as GATES
 from analysis.stages.prompts import manifest_path
 from analysis.stages.select import REPORT_NAME as SELECT_REPORT
 from analysis.stages.select import selection_dir
@@ -64,6 +65,7 @@ def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
     results = _read(results_path(ctx))
     analysis = _read(analysis_path(ctx))
     stability = analysis["stability"]
+    tuning = _read(ctx.stage_dir(GATES) / "tuning.json")
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -93,9 +95,33 @@ def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
         "refusal": results["refusal"],
         "capability": {cond: {task: {k: e[k] for k in ("score", "ci", "n")} for task, e in tasks.items()}
                        for cond, tasks in results["capability"].items()},
+        "capability_readable": results.get("capability_readable", {}),
+        "benign_text": results.get("benign_text", {}),
+        "frontier": _frontier_summary(results["frontier"]),
+        "eval_sets": {name: _eval_set_summary(entry) for name, entry in results.get("eval_sets", {}).items()},
+        "gates": {"distance": {**{k: tuning["distance"][k] for k in ("baseline", "chosen", "chosen_is_noop", "frontier")},
+                               "scores": {"calibrate": tuning["distance_scores"]["calibrate"],
+                                          "eval": results["distance_scores"]},
+                               "eval_decisions": results["gate_decisions"].get("conditional_distance", {})}},
         "steering": {"layer": results["layer"], "alpha": results["alpha"], "positions": results["positions"]},
         "timings_seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(wall_seconds, 1)},
     }
+
+
+def _frontier_summary(frontier: dict[str, Any]) -> dict[str, Any]:
+    """The gating verdict without the long point lists (those stay in RUN/evaluate/results.json)."""
+    return {"best_gate": frontier["best_gate"], "goal_met": frontier["goal_met"], "tolerance": frontier["tolerance"],
+            "verdict": frontier["verdict"],
+            "gates": {name: {k: g[k] for k in ("over_refusal", "harmful", "meets_goal", "p_over_refusal")}
+                      for name, g in frontier["gates"].items()}}
+
+
+def _eval_set_summary(entry: dict[str, Any]) -> dict[str, Any]:
+    """One held-out set: its manifest (counts, overlap removed), refusal per condition, gating verdict."""
+    manifest = entry["manifest"]
+    return {**{k: manifest[k] for k in ("specs", "n", "n_read", "categories", "sha256", "n_duplicates_removed",
+                                        "n_overlap_removed", "n_overlap_eval")},
+            "refusal": entry["refusal"], "frontier": _frontier_summary(entry["frontier"])}
 
 
 def _features_for_report(ctx: RunContext) -> dict[str, list[dict[str, Any]]]:
@@ -145,6 +171,9 @@ def write_outputs(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
         notes=[f"{stage}: {seconds:.1f} s" for stage, seconds in summary["timings_seconds"].items()]
         + [f"model diffing (base vs refusal-token model): {json.dumps(analysis['diffing'])[:600]}"],
         per_category_vectors={c: v["decided_category"] for c, v in results["sufficiency"].items()},
+        frontiers={"eval split": results["frontier"],
+                   **{f"held-out: {name}": e["frontier"] for name, e in results.get("eval_sets", {}).items()}},
+        distance_tuning=_read(ctx.stage_dir(GATES) / "tuning.json")["distance"],
     )
     write_report(ctx.root, summary, extras)
     return summary

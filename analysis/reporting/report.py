@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from activations.io import write_text_atomic
-from analysis.reporting import artifact_sections as report_extra_sections, sections as report_sections
+from analysis.reporting import artifact_sections as report_extra_sections, benchmark_sections, sections as report_sections
 from analysis.reporting.feature_pages import CARD_STYLE
 from analysis.reporting.html import FigureMaker, Section, esc, key_values
 from analysis.reporting.summary import validate_summary
@@ -41,6 +41,9 @@ class ReportExtras:
     notes: free-text lines, e.g. wall time per stage.
     per_category_vectors: category → {rate, ci, n} (or → set → {rate, ci, n}): refusal on benign
         rows when steering toward category c with its own vector v_c.
+    frontiers: set name (eval split, then each held-out set) → `gating_frontier` result (with the
+        unconditional points), plotted in the gating section.
+    distance_tuning: the distance gate's tuning report (`TuningReport.to_dict()`: grid table, frontier).
     """
 
     config: dict[str, Any] | None = None
@@ -54,6 +57,8 @@ class ReportExtras:
     seed_table: list[dict[str, Any]] | None = None
     notes: list[str] | None = None
     per_category_vectors: dict[str, Any] | None = None
+    frontiers: dict[str, dict[str, Any]] | None = None
+    distance_tuning: dict[str, Any] | None = None
 
 
 STYLE = """
@@ -104,10 +109,14 @@ def _sections(summary: dict[str, Any], extras: ReportExtras, figs: FigureMaker) 
         report_sections.probe_section(summary["probe"]),
         report_extra_sections.features_section(extras.features, extras.feature_cards),
         report_sections.refusal_section(summary["refusal"], figs),
+        benchmark_sections.gating_section(extras.frontiers, figs),
+        benchmark_sections.distance_gate_section((summary.get("gates") or {}).get("distance"), extras.distance_tuning, figs),
+        benchmark_sections.heldout_section(summary.get("eval_sets")),
         report_extra_sections.tradeoff_section(extras.tradeoff_points, figs),
         report_extra_sections.vectors_section(extras.per_category_vectors),
         report_extra_sections.seeds_section(extras.seed_table),
         report_sections.capability_section(summary["capability"]),
+        benchmark_sections.cost_section(summary.get("benign_text"), summary.get("capability_readable")),
         report_sections.stability_section(summary["stability"]),
         report_sections.geometry_section(summary["geometry"], extras.embedding_pngs),
         report_extra_sections.notes_section(extras.notes),

@@ -14,7 +14,7 @@ from analysis.reporting.plots import ordered_labels, plot_rate_bars, plot_traini
 from analysis.reporting.html import (
     FigureMaker, Section, esc, figure, fmt_num, key_values, rate_cell, row_header, table, value_cell, yaml_block,
 )
-from analysis.reporting.summary import REQUIRED_CONDITIONS, REQUIRED_KEYS
+from analysis.reporting.summary import REQUIRED_CONDITIONS, REQUIRED_KEYS, SECTION_KEYS
 
 GEOMETRY_DIRECTION = {"silhouette": "↑ higher is better", "davies_bouldin": "↓ lower is better",
                       "calinski_harabasz": "↑ higher is better"}
@@ -201,7 +201,7 @@ def geometry_section(geometry: Mapping[str, Mapping[str, Any]], embedding_pngs: 
 def other_section(summary: Mapping[str, Any]) -> Section | None:
     """Summary fields the sections above do not show (structured ones only; scalars go in the header)."""
     rest = {k: v for k, v in summary.items()
-            if k not in REQUIRED_KEYS and k != "schema_version" and isinstance(v, (Mapping, list))}
+            if k not in (*REQUIRED_KEYS, *SECTION_KEYS) and k != "schema_version" and isinstance(v, (Mapping, list))}
     if not rest:
         return None
     return Section("other", yaml_block(rest))
