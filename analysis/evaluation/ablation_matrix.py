@@ -26,7 +26,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from activations.records import BENIGN, CATEGORIES, CONTRAST, REFUSAL_CATEGORIES, PromptRecord
+from activations.records import (
+    BENIGN,
+    CATEGORIES,
+    CONTRAST,
+    REFUSAL_CATEGORIES,
+    PromptRecord,
+)
 from activations.stats import control_difference, paired_compare, seed_average
 from analysis.evaluation.refusal import RefusalResult
 

@@ -18,8 +18,13 @@ import torch
 
 from activations.adapter import ModelAdapter
 from activations.hooks import BlockOutputCache
+from activations.prefix_cache import PrefixCache
 from activations.records import BENIGN, CONTRAST, REFUSAL_CATEGORIES, PromptRecord
-from analysis.evaluation.refusal import RefusalResult, evaluate_refusal, summarise_refusal
+from analysis.evaluation.refusal import (
+    RefusalResult,
+    evaluate_refusal,
+    summarise_refusal,
+)
 from analysis.interventions.steering import steer
 
 
@@ -36,6 +41,7 @@ class EvalSetup:
     max_length: int = 256
     reuse_blocks: bool = True
     _cache: BlockOutputCache | None = field(default=None, repr=False)
+    _prefix: PrefixCache | None = field(default=None, repr=False)
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -48,6 +54,14 @@ class EvalSetup:
         if self.reuse_blocks and self._cache is None:
             self._cache = BlockOutputCache(self.adapter, self.layer)
         return self._cache if self.reuse_blocks else None
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """KV caches of every column but the last, per batch, for interventions confined to the last
+        prompt position (None with `reuse_blocks=False`)."""
+        if self.reuse_blocks and self._prefix is None:
+            self._prefix = PrefixCache(self.model)
+        return self._prefix if self.reuse_blocks else None
 
 
 @dataclass
@@ -105,12 +119,15 @@ def run_refusal(
     progress: bool = False,
     at_layer: bool = True,
     desc: str = "refusal",
+    last_column: bool = False,
 ) -> list[RefusalResult]:
     """Refusal-token evaluation of `records` under `plan` (steering) or `context` (e.g. ablation);
     `progress` shows a bar named `desc`.
 
     `at_layer`: the intervention acts at `setup.layer` or later, so batches seen unsteered before
     skip the blocks below it (`EvalSetup.block_cache`); pass False for one acting at earlier layers.
+    `last_column`: the intervention touches only the last prompt position (at any layer), so each
+    batch runs only that column on the cached prefix (`EvalSetup.prefix_cache`).
     """
     if plan is not None and context is not None:
         raise ValueError("give a steering plan or a context, not both")
@@ -118,7 +135,7 @@ def run_refusal(
     return evaluate_refusal(
         setup.model, setup.tokenizer, records, spec=setup.spec, make_context=make_context,
         batch_size=setup.batch_size, max_length=setup.max_length, progress=progress, desc=desc,
-        cache=setup.block_cache if at_layer or make_context is None else None,
+        cache=setup.prefix_cache if last_column else setup.block_cache if at_layer or make_context is None else None,
     )
 
 

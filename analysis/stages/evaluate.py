@@ -15,6 +15,9 @@ Conditions (all at the primary layer, steering on every position unless configur
   ablate                 zero the L1-selected SAE features of every refusal category (reference seed;
                          on the eval split every seed is also run and reported in `ablate_by_seed`)
 
+Per-category ablation matrices with controls, directional ablation and sufficiency (steering toward
+each category) are the `ablate` stage's (`analysis/stages/ablate.py`).
+
 Held-out sets (`eval_sets`) are read in full, never split, fitted or tuned on; prompts whose text
 matches an extract or calibrate prompt are removed and counted (`activations.prompts.heldout`).
 Their gate inputs (last-token residuals) are computed here from the target model; they never enter
@@ -30,8 +33,6 @@ import numpy as np
 
 from activations.io import write_json
 from activations.prompts.heldout import check_set_names, load_heldout_sets
-from activations.records import BENIGN, CONTRAST, REFUSAL_CATEGORIES
-from activations.stats import rate
 from analysis.evaluation.benign_text import complete_responses, load_benign_texts
 from analysis.evaluation.capability_conditions import (
     benign_under_conditions,
@@ -43,7 +44,6 @@ from analysis.evaluation.capability_tasks import (
     parse_capability_spec,
 )
 from analysis.evaluation.conditions import (
-    Plan,
     length_order,
     refusal_table,
     run_refusal,
@@ -130,7 +130,6 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
                                           "distance_scores")},
         "ablate_by_seed": {str(s): refusal_table(r) for s, r in ablate_by_seed.items()},
         "ablated_features": {str(s): ids for s, ids in ablated.items()},
-        "sufficiency": _sufficiency(suite, records),
         "eval_sets": {name: entry["payload"] for name, entry in heldout.items()},
         **capability,
     }
@@ -157,18 +156,6 @@ def _ablate_every_seed(ctx: RunContext, built: RunSuite, records: list, results:
         by_seed[seed] = run_refusal(setup, records, context=context, progress=True,
                                     desc=f"condition ablate (seed {seed}, {len(ids)} features)")
     return {s: by_seed[s] for s in built.saes}, ablated
-
-
-def _sufficiency(suite: Any, records: list) -> dict[str, Any]:
-    """Refusal of benign + contrast eval rows when steered toward each category with its own v_c."""
-    subset = [r for r in records if r.category in (BENIGN, CONTRAST)]
-    out = {}
-    for category in REFUSAL_CATEGORIES:
-        steered = run_refusal(suite.setup, subset, Plan.uniform(suite.vectors[category], suite.alpha, len(subset)),
-                              progress=True, desc=f"sufficiency {category}")
-        out[category] = {"refusal": refusal_table(steered)["over_refusal"],
-                         "decided_category": rate(np.array([r.decision == category for r in steered]))}
-    return out
 
 
 def _eval_sets(cfg: Config, ctx: RunContext, built: RunSuite) -> dict[str, dict[str, Any]]:
