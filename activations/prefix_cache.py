@@ -48,10 +48,22 @@ class PrefixCache:
             self._caches[key] = getattr(out, "cache", None) if self._arg == "cache" else out.past_key_values
         return self._caches[key]
 
-    def last_logits(self, key: Any, batch: dict[str, torch.Tensor],
-                    context: AbstractContextManager | None = None) -> torch.Tensor:
+    def _head_rows(self, token_ids: list[int] | None) -> tuple[Any, torch.Tensor] | None:
+        """(decoder, unembedding rows of `token_ids`) when only those logits are needed and the head is a
+        plain bias-free linear map without soft-capping; else None (the full forward is used)."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        decoder = getattr(self.model, getattr(self.model, "base_model_prefix", ""), None)
+        if (token_ids is None or head is None or decoder is None or getattr(head, "bias", None) is not None
+                or getattr(self.model.config, "final_logit_softcapping", None)):
+            return None
+        return decoder, head.weight[token_ids]
+
+    def last_logits(self, key: Any, batch: dict[str, torch.Tensor], context: AbstractContextManager | None = None,
+                    token_ids: list[int] | None = None) -> torch.Tensor:
         """Logits `(batch, vocab)` at the last column of a left-padded `batch` ({input_ids, attention_mask},
-        seq >= 2), with `context` (hooks on the last column) entered around that column's forward only."""
+        seq >= 2), with `context` (hooks on the last column) entered around that column's forward only.
+        With `token_ids`, only those logits `(batch, len(token_ids))` are computed (the head's other rows
+        are skipped)."""
         ids, attn = batch["input_ids"], batch["attention_mask"]
         if ids.shape[1] < 2:
             raise ValueError("a prefix cache needs prompts of at least two tokens")
@@ -59,10 +71,14 @@ class PrefixCache:
         croppable = hasattr(cache, "crop") and hasattr(cache, "get_seq_length")
         past = cache if croppable else copy.deepcopy(cache)
         pos = position_ids_from_mask(attn)[:, -1:]
+        rows = self._head_rows(token_ids)
+        inputs = dict(input_ids=ids[:, -1:], attention_mask=attn, position_ids=pos, use_cache=True, **{self._arg: past})
         try:
             with torch.no_grad(), context or nullcontext():
-                out = self.model(input_ids=ids[:, -1:], attention_mask=attn, position_ids=pos, use_cache=True,
-                                 **{self._arg: past})
+                if rows is not None:
+                    hidden = rows[0](**inputs).last_hidden_state[:, -1, :]
+                    return hidden @ rows[1].to(hidden.dtype).t()
+                out = self.model(**inputs)
         finally:
             extra = past.get_seq_length() - (ids.shape[1] - 1) if croppable else 0
             if extra > 0:

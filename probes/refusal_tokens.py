@@ -201,10 +201,10 @@ def first_token_logits(
         batch = encode_prompts(tokenizer, [texts[i] for i in rows], chat_template, max_length, device=device)
         key = (chat_template, max_length, *(texts[i] for i in rows))
         if isinstance(cache, PrefixCache):
-            logits = cache.last_logits(key, batch, None if make_context is None else make_context(rows))
-            if max(ids) >= logits.shape[-1]:
-                raise ValueError(f"refusal token id {max(ids)} is outside the model's {logits.shape[-1]} output rows")
-            chunks.append(logits[:, ids].float().cpu())
+            if max(ids) >= model.get_output_embeddings().weight.shape[0]:
+                raise ValueError(f"refusal token id {max(ids)} is outside the model's output rows")
+            logits = cache.last_logits(key, batch, None if make_context is None else make_context(rows), token_ids=ids)
+            chunks.append((logits if logits.shape[-1] == len(ids) else logits[:, ids]).float().cpu())
             continue
         with contextlib.ExitStack() as stack:
             if cache is not None and key in cache:

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from activations.io import read_json, write_json
+from analysis.reporting.findings import build_findings, paired_summary
 from analysis.reporting.report import ReportExtras, write_report
 from analysis.reporting.summary import SCHEMA_VERSION, validate_summary
+from analysis.stages.ablate import results_path as ablation_path
 from analysis.stages.analyze import analysis_path
 from analysis.stages.context import RunContext
 from analysis.stages.evaluate import results_path
@@ -66,7 +68,7 @@ def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
     analysis = _read(analysis_path(ctx))
     stability = analysis["stability"]
     tuning = _read(ctx.stage_dir(GATES) / "tuning.json")
-    return {
+    summary = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": ctx.cfg.model,
@@ -105,7 +107,12 @@ def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
                                "eval_decisions": results["gate_decisions"].get("conditional_distance", {})}},
         "steering": {"layer": results["layer"], "alpha": results["alpha"], "positions": results["positions"]},
         "timings_seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(wall_seconds, 1)},
+        "paired_vs_baseline": paired_summary(results["paired_vs_baseline"]),
     }
+    if ablation_path(ctx).is_file():
+        summary["ablation"] = _read(ablation_path(ctx))
+    summary["findings"] = [f.to_dict() for f in build_findings(summary)]
+    return summary
 
 
 def _frontier_summary(frontier: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +150,23 @@ def _features_for_report(ctx: RunContext) -> dict[str, list[dict[str, Any]]]:
     return rows
 
 
+def _sufficiency_table(ablation: dict[str, Any] | None) -> dict[str, dict[str, Any]] | None:
+    """Per category c: of the benign + contrast eval prompts steered toward c, the share refused and the
+    share whose first token chose c (and the same under the random directions, first draw)."""
+    suff = (ablation or {}).get("sufficiency")
+    if not suff:
+        return None
+    out = {}
+    for c, decided in suff["decided_category"].items():
+        row = {"refused (benign + contrast)": suff["over_refusal_refused"][c], "chose c (benign + contrast)": decided["selected"]}
+        cell = suff["matrix"][c].get("over_refusal", {})
+        if "control" in cell:
+            row["random direction: refusal change (mean of draws)"] = cell["control"]["effect_mean"]
+            row["v_c minus random: refusal change"] = cell["vs_control"]["estimate"]
+        out[c] = row
+    return out
+
+
 def write_outputs(ctx: RunContext, timings: dict[str, float], wall_seconds: float,
                   curves: dict[int, dict[str, list[float]]]) -> dict[str, Any]:
     """Write summary.json (validated) and report.html; return the summary."""
@@ -170,7 +194,7 @@ def write_outputs(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
         seed_table=seed_table,
         notes=[f"{stage}: {seconds:.1f} s" for stage, seconds in summary["timings_seconds"].items()]
         + [f"model diffing (base vs refusal-token model): {json.dumps(analysis['diffing'])[:600]}"],
-        per_category_vectors={c: v["decided_category"] for c, v in results["sufficiency"].items()},
+        per_category_vectors=_sufficiency_table(summary.get("ablation")),
         frontiers={"eval split": results["frontier"],
                    **{f"held-out: {name}": e["frontier"] for name, e in results.get("eval_sets", {}).items()}},
         distance_tuning=_read(ctx.stage_dir(GATES) / "tuning.json")["distance"],

@@ -132,6 +132,21 @@ def build_findings(summary: Mapping[str, Any]) -> list[Finding]:
     return out
 
 
+def paired_summary(paired: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """summary.json's `paired_vs_baseline` from `compare_conditions` results (`{condition: {group: {key:
+    cell}}}`): `{condition: {set: {difference, p_value, n, before_only, after_only}}}`, sets = each
+    category, `over_refusal` and `harmful_refusal`."""
+    out: dict[str, dict[str, Any]] = {}
+    for condition, groups in paired.items():
+        cells = dict(groups.get("category", {}))
+        for group in HEADLINE_SETS:
+            if "all" in groups.get(group, {}):
+                cells[group] = groups[group]["all"]
+        out[condition] = {k: {key: c[key] for key in ("difference", "p_value", "n", "before_only", "after_only")}
+                          for k, c in cells.items()}
+    return out
+
+
 def leakage(matrix: Mapping[str, Mapping[str, Any]], key: str = "effect") -> dict[str, tuple[str, float] | None]:
     """Per row of a matrix, the refusal category other than the row's with the largest |effect|
     (`(target, effect)`), for the report's leakage line."""

@@ -22,6 +22,11 @@ Schema version 1 (documented in the README):
     gates: {distance: {baseline, chosen, chosen_is_noop, frontier, scores: {calibrate, eval}, eval_decisions}}
     capability_readable: {task: {chance, score, ci, n, readable, reason}}
     benign_text: {condition: {loss: {value, ci, n}, kl: {value, ci, n}, n_tokens}}
+    paired_vs_baseline: {condition: {set: {difference: {estimate, ci}, p_value, n, before_only, after_only}}}
+    ablation: the ablate stage's results (positions, feature_ablation {per_seed, averaged}, directional,
+              sufficiency; cells `analysis.evaluation.ablation_matrix.effect_cell` / seed-averaged)
+    findings: [{topic, condition, target, effect, ci, p_value, n, n_seeds, vs_control, control_ci,
+                beats_control, control_kind, sentence}]   (`analysis.reporting.findings`)
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ REQUIRED_CONDITIONS = (
     "ablate",
 )
 REQUIRED_SETS = (*REFUSAL_CATEGORIES, "benign", "contrast")
-SECTION_KEYS = ("eval_sets", "frontier", "gates", "capability_readable", "benign_text")
+SECTION_KEYS = ("eval_sets", "frontier", "gates", "capability_readable", "benign_text", "paired_vs_baseline", "ablation",
+                "findings")
 """Optional keys the report shows in sections of their own."""
 
 
