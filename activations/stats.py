@@ -345,3 +345,23 @@ def control_difference(selected: Any, controls: Any, n_resamples: int = 2000, se
             "control_mean": float(per_draw.mean()), "control_draws": [float(v) for v in per_draw],
             "n": int(n), "n_draws": int(n_draws),
             "method": "two-level percentile bootstrap: control draws and prompts resampled (paired prompts)"}
+
+
+def run_average(values: Sequence[Any], confidence: float = 0.95) -> dict[str, Any]:
+    """Across-run mean when the runs were measured on different prompts (e.g. runs with different split
+    seeds): `values` is one 1-D per-prompt array per run. Estimate: the mean of the run means; variance:
+    between-run variance of the run means / n_runs + mean over runs of (within-run variance / n_r) /
+    n_runs; interval mean ± t(n_runs − 1) · √variance (normal with one run). Returns `{"mean", "ci",
+    "per_run", "n_runs", "n", "method"}` (`n`: prompts over all runs)."""
+    arrays = [np.asarray(v, dtype=np.float64) for v in values]
+    if not arrays or any(a.ndim != 1 or a.size == 0 for a in arrays):
+        raise ValueError("run_average needs one non-empty 1-D array per run")
+    means = np.array([a.mean() for a in arrays])
+    r = means.size
+    between = float(means.var(ddof=1)) / r if r > 1 else 0.0
+    within = float(np.mean([a.var(ddof=1) / a.size if a.size > 1 else 0.0 for a in arrays])) / r
+    mean = float(means.mean())
+    half = _t_value(r - 1, confidence) * float(np.sqrt(between + within))
+    return {"mean": mean, "ci": [mean - half, mean + half], "per_run": [float(m) for m in means], "n_runs": int(r),
+            "n": int(sum(a.size for a in arrays)),
+            "method": "mean of run means; var = between-run var / runs + mean within-run var of the mean / runs; t(runs-1)"}
