@@ -186,8 +186,8 @@ def _disagreements(ctx: RunContext, baseline: list) -> int | None:
     path = ctx.stage_dir("evaluate") / "rows.json"
     if not path.is_file():
         return None
-    theirs = {r["id"]: bool(r["refused"]) for r in read_json(path, "evaluate rows")["baseline"]}
-    return int(sum(theirs.get(r.id, r.refused) != r.refused for r in baseline))
+    theirs = {r["prompt_id"]: bool(r["refused"]) for r in read_json(path, "evaluate rows")["baseline"]}
+    return int(sum(theirs.get(r.prompt_id, r.refused) != r.refused for r in baseline))
 
 
 def _directional(cfg: Config, ctx: RunContext, records: list, baseline: list, vectors: dict[str, np.ndarray],
