@@ -128,7 +128,8 @@ def _eval_set_summary(entry: dict[str, Any]) -> dict[str, Any]:
     manifest = entry["manifest"]
     return {**{k: manifest[k] for k in ("specs", "n", "n_read", "categories", "sha256", "n_duplicates_removed",
                                         "n_overlap_removed", "n_overlap_eval")},
-            "refusal": entry["refusal"], "frontier": _frontier_summary(entry["frontier"])}
+            "refusal": entry["refusal"], "frontier": _frontier_summary(entry["frontier"]),
+            "paired_vs_baseline": paired_summary(entry.get("paired_vs_baseline", {}))}
 
 
 def _features_for_report(ctx: RunContext) -> dict[str, list[dict[str, Any]]]:

@@ -71,15 +71,14 @@ def fmt_p(p: float) -> str:
     return f"{p:.2g}" if p >= 0.001 else f"{p:.1e}"
 
 
-def _paired_findings(paired: Mapping[str, Any]) -> list[Finding]:
+def _paired_findings(paired: Mapping[str, Any], topic: str = "condition vs baseline") -> list[Finding]:
     out = []
     for condition in GATED:
         for target in HEADLINE_SETS:
             cell = (paired.get(condition) or {}).get(target)
             if cell:
                 d = cell["difference"]
-                out.append(Finding("condition vs baseline", condition, target, d["estimate"], tuple(d["ci"]),
-                                   cell["p_value"], cell["n"]))
+                out.append(Finding(topic, condition, target, d["estimate"], tuple(d["ci"]), cell["p_value"], cell["n"]))
     return out
 
 
@@ -116,7 +115,8 @@ def _averaged_findings(averaged: Mapping[str, Any], control_kind: str) -> list[F
 
 def build_findings(summary: Mapping[str, Any]) -> list[Finding]:
     """Every headline comparison of a summary, in report order: feature ablation (seed-averaged
-    diagonal), directional ablation, sufficiency, then each condition vs baseline."""
+    diagonal), directional ablation, sufficiency, then each condition vs baseline on the eval split and
+    on each held-out set."""
     out: list[Finding] = []
     ablation = summary.get("ablation") or {}
     features = ablation.get("feature_ablation") or {}
@@ -128,7 +128,9 @@ def build_findings(summary: Mapping[str, Any]) -> list[Finding]:
     if ablation.get("sufficiency"):
         out += _matrix_findings("sufficiency", "steer toward {c}", ablation["sufficiency"]["matrix"], ("over_refusal",),
                                 "random directions of the same norm")
-    out += _paired_findings(summary.get("paired_vs_baseline") or {})
+    out += _paired_findings(summary.get("paired_vs_baseline") or {}, "condition vs baseline (eval split)")
+    for name, entry in (summary.get("eval_sets") or {}).items():
+        out += _paired_findings(entry.get("paired_vs_baseline") or {}, f"condition vs baseline (held-out: {name})")
     return out
 
 

@@ -49,9 +49,11 @@ def test_sentences_quote_the_numbers_of_their_finding():
     before = np.array([True] * 10 + [False] * 30)
     after = np.array([True] * 3 + [False] * 37)
     paired = {"steer_away": {"over_refusal": {"all": paired_compare(before, after)}, "category": {}}}
-    summary = {"ablation": ablation, "paired_vs_baseline": paired_summary(paired)}
+    summary = {"ablation": ablation, "paired_vs_baseline": paired_summary(paired),
+               "eval_sets": {"xstest": {"paired_vs_baseline": paired_summary(paired)}}}
     findings = build_findings(summary)
-    assert [f.topic for f in findings] == ["feature ablation", "feature ablation", "condition vs baseline"]
+    assert [f.topic for f in findings] == ["feature ablation", "feature ablation", "condition vs baseline (eval split)",
+                                           "condition vs baseline (held-out: xstest)"]
     for f in findings:
         text = f.sentence()
         quoted = _numbers(text)
@@ -68,7 +70,7 @@ def test_sentences_quote_the_numbers_of_their_finding():
     safety = next(f for f in findings if f.condition == "ablate the safety features")
     assert (safety.effect, safety.ci, safety.n_seeds) == (cell["effect"]["mean"], tuple(cell["effect"]["ci"]), 2)
     assert safety.p_value == max(cell["p_values"]) and safety.beats_control == cell["beats_control"]
-    steer = findings[-1]
+    steer = findings[-2]
     assert steer.effect == pytest.approx(-7 / 40) and steer.p_value == paired["steer_away"]["over_refusal"]["all"]["p_value"]
 
 
