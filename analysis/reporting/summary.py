@@ -107,6 +107,7 @@ def validate_summary(summary: dict[str, Any], eval_counts: dict[str, int] | None
             _check_interval(f"probe.{metric}", entry.get("value"), entry.get("ci"), entry.get("n"), problems)
     _check_eval_sets(summary.get("eval_sets", {}), problems)
     _check_benign_text(summary.get("benign_text", {}), problems)
+    _check_findings(summary.get("findings", []), problems)
     for task, entry in summary.get("capability_readable", {}).items():
         if task not in summary.get("capability", {}).get("baseline", {}):
             problems.append(f"capability_readable.{task}: no baseline capability score for this task")
@@ -142,6 +143,17 @@ def _check_eval_sets(eval_sets: dict[str, Any], problems: list[str]) -> None:
                                 problems)
                 if key in counts and cell.get("n") != counts[key]:
                     problems.append(f"{where}.refusal.{condition}.{key}: n={cell.get('n')} but the set has {counts[key]}")
+
+
+def _check_findings(findings: list[dict[str, Any]], problems: list[str]) -> None:
+    """Each finding: a sentence, and effect / vs_control inside their CIs."""
+    for i, f in enumerate(findings):
+        where = f"findings[{i}] ({f.get('condition')}, {f.get('target')})"
+        if not f.get("sentence"):
+            problems.append(f"{where}: no sentence")
+        for value, ci in ((f.get("effect"), f.get("ci")), (f.get("vs_control"), f.get("control_ci"))):
+            if value is not None and not (ci and ci[0] - 1e-9 <= value <= ci[1] + 1e-9):
+                problems.append(f"{where}: {value} outside its CI {ci}")
 
 
 def _check_benign_text(benign: dict[str, Any], problems: list[str]) -> None:

@@ -56,7 +56,48 @@ def synthetic_summary(seed: int = 0) -> dict[str, Any]:
                        for c in ("baseline", "steer_away", "ablate")},
         "alpha_sweep": {"alphas": [2.0, 4.0, 8.0]},
         **benchmark_keys(counts_rate),
+        **ablation_keys(rng),
     }
+
+
+def ablation_keys(rng: np.random.Generator) -> dict[str, Any]:
+    """`paired_vs_baseline`, `ablation` (two seeds, controls, directional, sufficiency) and `findings`,
+    computed by the library from made-up verdicts."""
+    from activations.records import PromptRecord
+    from activations.stats import paired_compare
+    from analysis.evaluation.ablation_matrix import effect_matrix, seed_averaged_matrix
+    from analysis.evaluation.refusal import RefusalResult
+    from analysis.reporting.findings import build_findings, paired_summary
+
+    cats = [c for c in CATEGORIES for _ in range(10)]
+    records = [PromptRecord(f"p{i}", "t", c) for i, c in enumerate(cats)]
+    base = np.array([c not in ("benign", "contrast") for c in cats]) | (rng.random(len(cats)) < 0.1)
+
+    def results(flags: np.ndarray) -> list:
+        return [RefusalResult(r.id, r.category, "", bool(f), "token") for r, f in zip(records, flags)]
+
+    def flip(p: float) -> list:
+        return results(base & (rng.random(len(cats)) > p))
+
+    conds = {s: {c: flip(0.5) for c in REFUSAL_CATEGORIES[:2]} for s in (0, 1)}
+    ctls = {s: {c: [flip(0.05) for _ in range(5)] for c in REFUSAL_CATEGORIES[:2]} for s in (0, 1)}
+    baseline = results(base)
+    ablation = {
+        "positions": "response_start", "features": "selected", "control_draws": 5, "control_seeds": "all",
+        "baseline_disagreements": 0,
+        "feature_ablation": {"per_seed": {str(s): {"matrix": effect_matrix(records, baseline, conds[s], ctls[s])}
+                                          for s in conds},
+                             "averaged": seed_averaged_matrix(records, baseline, conds, ctls)},
+        "directional": {"layers": "one", "draws": 2, "matrix": effect_matrix(records, baseline, conds[0], ctls[0])},
+        "sufficiency": {"alpha": 0.5, "draws": 2, "matrix": effect_matrix(
+            records, baseline, {"safety": results(base | (rng.random(len(cats)) < 0.4))},
+            {"safety": [results(base) for _ in range(2)]}, "increase")},
+    }
+    paired = {"steer_away": {"over_refusal": {"all": paired_compare(base, base & (rng.random(len(cats)) < 0.5))},
+                             "category": {}}}
+    out = {"paired_vs_baseline": paired_summary(paired), "ablation": ablation}
+    out["findings"] = [f.to_dict() for f in build_findings(out)]
+    return out
 
 
 def synthetic_frontier(counts_rate) -> dict[str, Any]:
