@@ -166,3 +166,47 @@ def test_target_masks_columns():
     assert masks["over_refusal"].tolist() == [True, False, True]
     results = [RefusalResult(r.id, r.category, "", False, "token") for r in records]
     assert effect_matrix(records, results, {"safety": results})["safety"]["safety"]["effect"]["estimate"] == 0.0
+
+
+def test_position_mask_edits_only_its_positions():
+    from analysis.interventions.core import edit_rows
+
+    hidden = torch.randn(3, 5, 4)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, 1:3] = True
+    mask[2, 4] = True
+    out = edit_rows(hidden, lambda shape: mask, None, lambda x, _rows: x + 1.0)
+    assert torch.equal(out[mask], hidden[mask] + 1.0) and torch.equal(out[~mask], hidden[~mask])
+    active = torch.tensor([True, False, False])  # row 2 is inactive: its masked position stays
+    out = edit_rows(hidden, lambda shape: mask, active, lambda x, _rows: x + 1.0)
+    assert torch.equal(out[2], hidden[2]) and torch.equal(out[0, 1:3], hidden[0, 1:3] + 1.0)
+    with pytest.raises(ValueError, match="position mask"):
+        edit_rows(hidden, lambda shape: torch.ones(3, 4, dtype=torch.bool), None, lambda x, _rows: x)
+
+
+def test_ablate_config_refuses_bad_values():
+    from analysis.stages.ablate import Config
+
+    assert Config().positions == "all" and Config().control_draws == 5
+    for bad in ({"control_draws": 1}, {"positions": "middle"}, {"direction_draws": -1}, {"n_resamples": 10}):
+        with pytest.raises(ValueError):
+            Config(**bad)
+
+
+def test_content_positions_of_the_stage_match_the_prompt_kinds(tiny_llama):
+    from activations.positions import CONTENT, position_kinds
+    from activations.tokenize import encode_prompts
+    from analysis.evaluation.conditions import EvalSetup
+    from analysis.stages.ablate import Config, _position_fn
+
+    model, tokenizer = tiny_llama
+    records = [PromptRecord("a", "Hi there", "benign"), PromptRecord("b", "How do tides work in detail?", "safety")]
+    setup = EvalSetup(model, tokenizer, SPEC, 1, max_length=64)
+    rows = np.array([0, 1])
+    batch = encode_prompts(tokenizer, [r.text for r in records], True, 64)
+    mask = _position_fn(Config(positions="content"), setup, records, True)(rows)(tuple(batch["input_ids"].shape))
+    kinds = position_kinds(tokenizer, [r.text for r in records], True, 64)
+    for i, k in enumerate(kinds):
+        row = mask[i, mask.shape[1] - len(k):]
+        assert row.tolist() == (k == CONTENT).tolist() and not mask[i, : mask.shape[1] - len(k)].any()
+    assert _position_fn(Config(positions="response_start"), setup, records, True)(rows) == "generated"
