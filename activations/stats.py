@@ -284,7 +284,7 @@ def _t_value(df: int, confidence: float) -> float:
     return float(sps.t.ppf(0.5 + confidence / 2.0, df)) if df > 0 else _z_value(confidence)
 
 
-def seed_average(values: Any, confidence: float = 0.95) -> dict[str, Any]:
+def seed_average(values: Any, confidence: float = 0.95, bounds: tuple[float, float] | None = None) -> dict[str, Any]:
     """Across-seed mean of a per-prompt quantity with a CI for seed and prompt variance.
 
     `values`: `(n_seeds, n_prompts)` float64, row s = the per-prompt values under SAE seed s, the
@@ -292,9 +292,11 @@ def seed_average(values: Any, confidence: float = 0.95) -> dict[str, Any]:
     the mean of the per-seed means. Its variance is estimated as the sum of two parts:
     the between-seed variance of the per-seed means / n_seeds (SAE-seed variance) plus the
     variance over prompts of the seed-averaged per-prompt values / n_prompts (the prompt sample,
-    shared by every seed). The interval is mean ± t(n_seeds − 1) · sqrt(that), normal with one seed.
-    With few seeds the t quantile is large (4.30 for 3 seeds), so the interval is honest about how
-    little three seeds say. Returns `{"mean", "ci", "per_seed", "n_seeds", "n", "method"}`.
+    shared by every seed). The half-width is sqrt(t² · seed part + z² · prompt part), t with
+    n_seeds − 1 degrees of freedom (4.30 for 3 seeds: honest about how little three seeds say), z
+    normal; with one seed only the prompt part. `bounds` (e.g. (-1, 1) for a change of a rate) clips
+    the interval to the values the mean can take. Returns `{"mean", "ci", "per_seed", "n_seeds", "n",
+    "method"}`.
     """
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
@@ -306,10 +308,14 @@ def seed_average(values: Any, confidence: float = 0.95) -> dict[str, Any]:
     mean = float(per_seed.mean())
     between = float(per_seed.var(ddof=1)) / n_seeds if n_seeds > 1 else 0.0
     prompts = float(x.mean(axis=0).var(ddof=1)) / n if n > 1 else 0.0
-    half = _t_value(n_seeds - 1, confidence) * float(np.sqrt(between + prompts))
-    return {"mean": mean, "ci": [mean - half, mean + half], "per_seed": [float(v) for v in per_seed],
+    half = float(np.sqrt(_t_value(n_seeds - 1, confidence) ** 2 * between + _z_value(confidence) ** 2 * prompts))
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return {"mean": mean, "ci": [lo, hi], "per_seed": [float(v) for v in per_seed],
             "n_seeds": int(n_seeds), "n": int(n),
-            "method": "mean of per-seed means; var = between-seed var / seeds + prompt var / prompts; t(seeds-1)"}
+            "method": "mean of per-seed means; half-width sqrt(t(seeds-1)^2 between-seed var / seeds + "
+                      "z^2 prompt var / prompts)"}
 
 
 def control_difference(selected: Any, controls: Any, n_resamples: int = 2000, seed: int = 0,
@@ -350,8 +356,8 @@ def control_difference(selected: Any, controls: Any, n_resamples: int = 2000, se
 def run_average(values: Sequence[Any], confidence: float = 0.95) -> dict[str, Any]:
     """Across-run mean when the runs were measured on different prompts (e.g. runs with different split
     seeds): `values` is one 1-D per-prompt array per run. Estimate: the mean of the run means; variance:
-    between-run variance of the run means / n_runs + mean over runs of (within-run variance / n_r) /
-    n_runs; interval mean ± t(n_runs − 1) · √variance (normal with one run). Returns `{"mean", "ci",
+    between-run variance of the run means / n_runs (times t(n_runs − 1)²) + mean over runs of
+    (within-run variance / n_r) / n_runs (times z²) under one square root. Returns `{"mean", "ci",
     "per_run", "n_runs", "n", "method"}` (`n`: prompts over all runs)."""
     arrays = [np.asarray(v, dtype=np.float64) for v in values]
     if not arrays or any(a.ndim != 1 or a.size == 0 for a in arrays):
@@ -361,7 +367,8 @@ def run_average(values: Sequence[Any], confidence: float = 0.95) -> dict[str, An
     between = float(means.var(ddof=1)) / r if r > 1 else 0.0
     within = float(np.mean([a.var(ddof=1) / a.size if a.size > 1 else 0.0 for a in arrays])) / r
     mean = float(means.mean())
-    half = _t_value(r - 1, confidence) * float(np.sqrt(between + within))
+    half = float(np.sqrt(_t_value(r - 1, confidence) ** 2 * between + _z_value(confidence) ** 2 * within))
     return {"mean": mean, "ci": [mean - half, mean + half], "per_run": [float(m) for m in means], "n_runs": int(r),
             "n": int(sum(a.size for a in arrays)),
-            "method": "mean of run means; var = between-run var / runs + mean within-run var of the mean / runs; t(runs-1)"}
+            "method": "mean of run means; half-width sqrt(t(runs-1)^2 between-run var / runs + z^2 within-run "
+                      "var of the mean / runs)"}

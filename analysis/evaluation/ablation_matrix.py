@@ -159,12 +159,12 @@ def seed_averaged_matrix(records: Sequence[PromptRecord], baseline: Sequence[Ref
         ctl_seeds = [s for s in seeds if controls and row in controls.get(s, {})]
         for target, m in masks.items():
             effect = np.stack([conds[s][m] - base[m] for s in seeds])
-            cell: dict[str, Any] = {"effect": seed_average(effect), "seeds": [str(s) for s in seeds],
+            cell: dict[str, Any] = {"effect": seed_average(effect, bounds=(-1.0, 1.0)), "seeds": [str(s) for s in seeds],
                                     "p_values": [paired_compare(base[m] > 0, conds[s][m] > 0)["p_value"] for s in seeds]}
             if ctl_seeds:
                 vs = np.stack([conds[s][m] - np.stack([refused(r)[m] for r in controls[s][row]]).mean(axis=0)
                                for s in ctl_seeds])
-                cell["vs_control"] = seed_average(vs)
+                cell["vs_control"] = seed_average(vs, bounds=(-1.0, 1.0))
                 cell["vs_control"]["seeds"] = [str(s) for s in ctl_seeds]
                 cell["beats_control"] = _beats(cell["vs_control"]["ci"], expect)
             out[row][target] = cell

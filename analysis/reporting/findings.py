@@ -20,6 +20,7 @@ from activations.records import REFUSAL_CATEGORIES
 GATED = ("steer_toward", "steer_away", "conditional_distance", "conditional_probe", "conditional_token",
          "conditional_external", "ablate")
 HEADLINE_SETS = ("over_refusal", "harmful_refusal")
+TARGET_WORDS = {"over_refusal": "over-refusal (benign + contrast)", "harmful_refusal": "harmful refusal (refusal categories)"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Finding:
         seeds = f", mean of {self.n_seeds} SAE seeds" if self.n_seeds > 1 else ""
         p = "" if self.p_value is None else (
             f"; McNemar p {'≤' if self.n_seeds > 1 else '='} {fmt_p(self.p_value)}{' in every seed' if self.n_seeds > 1 else ''}")
-        text = (f"{self.condition}: {self.target} refusal changes by {fmt_signed(self.effect)} "
+        text = (f"{self.condition}: {TARGET_WORDS.get(self.target, self.target + ' refusal')} changes by {fmt_signed(self.effect)} "
                 f"[{fmt_signed(self.ci[0])}, {fmt_signed(self.ci[1])}] (n={self.n}{seeds}{p}).")
         if self.beats_control is None:
             return text + " No random control."
