@@ -46,7 +46,7 @@ class Finding:
         """The finding in words, every number from the fields (2 decimals; p to 2 significant digits)."""
         seeds = f", mean of {self.n_seeds} SAE seeds" if self.n_seeds > 1 else ""
         p = "" if self.p_value is None else (
-            f"; McNemar p {'≤' if self.n_seeds > 1 else '='} {fmt_p(self.p_value)}{' in every seed' if self.n_seeds > 1 else ''}")
+            f"; {'largest per-seed ' if self.n_seeds > 1 else ''}McNemar p = {fmt_p(self.p_value)}")
         text = (f"{self.condition}: {TARGET_WORDS.get(self.target, self.target + ' refusal')} changes by {fmt_signed(self.effect)} "
                 f"[{fmt_signed(self.ci[0])}, {fmt_signed(self.ci[1])}] (n={self.n}{seeds}{p}).")
         if self.beats_control is None:

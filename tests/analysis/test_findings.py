@@ -59,7 +59,7 @@ def test_sentences_quote_the_numbers_of_their_finding():
         quoted = _numbers(text)
         expected = [f.effect, *f.ci] + ([] if f.vs_control is None else [f.vs_control, *f.control_ci])
         assert quoted == pytest.approx([round(v, 2) for v in expected], abs=1e-9), text
-        assert f"p {'≤' if f.n_seeds > 1 else '='} {fmt_p(f.p_value)}" in text
+        assert f"{'largest per-seed ' if f.n_seeds > 1 else ''}McNemar p = {fmt_p(f.p_value)}" in text
         assert f"n={f.n}" in text
         if f.beats_control is None:
             assert text.endswith("No random control.")
