@@ -19,7 +19,7 @@ that column on the baseline's cached prefix (`EvalSetup.prefix_cache`): about a 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,6 +72,9 @@ class Config:
         sufficiency: steer every row toward each category (+evaluate.alpha · v_c).
         sufficiency_draws: random directions of v_c's norm per category beside sufficiency (0 = none).
         n_resamples: bootstrap resamples of each selected-minus-control CI.
+        batch_size: prompts per forward here (None = evaluate.batch_size). With response_start a
+            condition is one column per batch, whose cost is mostly reading the weights once, so
+            larger batches are much cheaper per condition (the cached prefixes cost the same memory).
     """
 
     features: Literal["selected", "consensus"] = "selected"
@@ -85,6 +88,7 @@ class Config:
     sufficiency: bool = True
     sufficiency_draws: int = 3
     n_resamples: int = 1000
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_MODES:
@@ -94,6 +98,8 @@ class Config:
         for name in ("direction_draws", "sufficiency_draws"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ablate.{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"ablate.batch_size must be >= 1, got {self.batch_size}")
         if self.control_pool < 1 or self.n_resamples < 100:
             raise ValueError("ablate.control_pool must be >= 1 and ablate.n_resamples >= 100")
 
@@ -137,6 +143,8 @@ def _log_density(ctx: RunContext, seed: int) -> np.ndarray:
 def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     out = ctx.stage_dir(NAME)
     setup = eval_setup(ctx)
+    if cfg.batch_size is not None:
+        setup = replace(setup, batch_size=cfg.batch_size)
     _, records = split_rows(ctx, "eval")
     last = cfg.positions == "response_start"  # every condition edits the last column only: run just that column
     baseline = run_refusal(setup, records, progress=True, desc="ablation baseline", last_column=last)  # fills the caches
