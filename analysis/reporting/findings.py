@@ -99,7 +99,7 @@ def _matrix_findings(topic: str, label: str, matrix: Mapping[str, Any], targets:
     return out
 
 
-def _averaged_findings(averaged: Mapping[str, Any], control_kind: str) -> list[Finding]:
+def _averaged_findings(averaged: Mapping[str, Any], control_kind: str, where: str = "") -> list[Finding]:
     """Findings of the seed-averaged feature-ablation matrix: the diagonal (necessity)."""
     out = []
     for row, cells in averaged.items():
@@ -107,7 +107,7 @@ def _averaged_findings(averaged: Mapping[str, Any], control_kind: str) -> list[F
         if not cell:
             continue
         effect, vs = cell["effect"], cell.get("vs_control")
-        out.append(Finding("feature ablation", f"ablate the {row} features", row, effect["mean"], tuple(effect["ci"]),
+        out.append(Finding("feature ablation", f"ablate the {row} features{where}", row, effect["mean"], tuple(effect["ci"]),
                            max(cell["p_values"]), effect["n"], effect["n_seeds"],
                            None if vs is None else vs["mean"], None if vs is None else tuple(vs["ci"]),
                            cell.get("beats_control"), control_kind))
@@ -121,13 +121,15 @@ def build_findings(summary: Mapping[str, Any]) -> list[Finding]:
     out: list[Finding] = []
     ablation = summary.get("ablation") or {}
     features = ablation.get("feature_ablation") or {}
+    where = f" at {ablation['positions']} positions" if ablation.get("positions") else ""
     if features.get("averaged"):
-        out += _averaged_findings(features["averaged"], f"{ablation.get('control_draws')} frequency-matched random feature sets")
+        out += _averaged_findings(features["averaged"], f"{ablation.get('control_draws')} frequency-matched random feature sets",
+                                  where)
     if ablation.get("directional"):
-        out += _matrix_findings("directional ablation", "project out v_{c}", ablation["directional"]["matrix"], None,
+        out += _matrix_findings("directional ablation", "project out v_{c}" + where, ablation["directional"]["matrix"], None,
                                 "random directions")
     if ablation.get("sufficiency"):
-        out += _matrix_findings("sufficiency", "steer toward {c}", ablation["sufficiency"]["matrix"], ("over_refusal",),
+        out += _matrix_findings("sufficiency", "steer toward {c}" + where, ablation["sufficiency"]["matrix"], ("over_refusal",),
                                 "random directions of the same norm")
     out += _paired_findings(summary.get("paired_vs_baseline") or {}, "condition vs baseline (eval split)")
     for name, entry in (summary.get("eval_sets") or {}).items():

@@ -67,7 +67,7 @@ def test_sentences_quote_the_numbers_of_their_finding():
             assert ("does not beat its control" in text) == (not f.beats_control)
     # the structured values are the experiment's: seed-averaged diagonal cell and McNemar of the paired test
     cell = ablation["feature_ablation"]["averaged"]["safety"]["safety"]
-    safety = next(f for f in findings if f.condition == "ablate the safety features")
+    safety = next(f for f in findings if f.condition == "ablate the safety features at response_start positions")
     assert (safety.effect, safety.ci, safety.n_seeds) == (cell["effect"]["mean"], tuple(cell["effect"]["ci"]), 2)
     assert safety.p_value == max(cell["p_values"]) and safety.beats_control == cell["beats_control"]
     steer = findings[-2]
