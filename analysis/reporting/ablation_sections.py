@@ -20,10 +20,10 @@ def findings_section(findings: Sequence[Mapping[str, Any]] | None) -> Section | 
     by_topic: dict[str, list[str]] = {}
     for f in findings:
         by_topic.setdefault(f["topic"], []).append(f["sentence"])
-    body = ["<p>Each line: the change of a refusal rate against the unintervened baseline on the eval split "
+    body = [("<p>Each line: the change of a refusal rate against the unintervened baseline on the eval split "
             "(95% CI; exact McNemar p on the paired prompts) and, where the experiment has one, the "
             "comparison with its random control (selected − control, 95% CI over draws and prompts). "
-            "A feature set or vector counts as necessary (sufficient) only when it beats its control.</p>"]
+            "A feature set or vector counts as necessary (sufficient) only when it beats its control.</p>")]
     for topic, sentences in by_topic.items():
         body.append(f"<h3>{esc(topic)}</h3><ul>" + "".join(f"<li>{esc(s)}</li>" for s in sentences) + "</ul>")
     return Section("findings", "\n".join(body))

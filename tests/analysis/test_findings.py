@@ -11,7 +11,13 @@ from activations.records import PromptRecord
 from activations.stats import paired_compare
 from analysis.evaluation.ablation_matrix import effect_matrix, seed_averaged_matrix
 from analysis.evaluation.refusal import RefusalResult
-from analysis.reporting.findings import Finding, build_findings, fmt_p, fmt_signed, paired_summary
+from analysis.reporting.findings import (
+    Finding,
+    build_findings,
+    fmt_p,
+    fmt_signed,
+    paired_summary,
+)
 from analysis.reporting.report import ReportExtras, render_report
 from tests.helpers.report_fixtures import synthetic_summary
 
