@@ -110,7 +110,8 @@ def vectors_section(per_category: Mapping[str, Any] | None) -> Section | None:
     if not per_category:
         return None
     categories = ordered_labels(list(per_category))
-    caption = ("Every eval prompt steered toward category c with its own vector v_c (ablate stage); columns are "
+    caption = ("Every eval prompt steered toward category c with its own vector v_c (ablate stage, at its positions: "
+               "see the ablation section); columns are "
                "shares of the benign + contrast prompts: refused, and whose first token chose c (not the same thing: "
                "a refused prompt may choose another category).")
     if all(is_rate(v) or not isinstance(v, Mapping) for v in per_category.values()):
