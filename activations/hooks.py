@@ -11,10 +11,11 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 
 from activations.adapter import ModelAdapter
-from activations.tokenize import position_ids_from_mask
+from activations.tokenize import encode_prompts, position_ids_from_mask
 
 Edit = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -178,3 +179,34 @@ class BlockOutputCache:
         finally:
             for block in blocks:
                 del block.forward  # back to the class's forward
+
+
+@torch.no_grad()
+def last_token_residuals(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    layer: int,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    chat_template: bool = True,
+) -> np.ndarray:
+    """Output of block `layer` at each prompt's last token, float32 `(n, d_model)`, in `texts` order.
+
+    The prompt is formatted as the harvest formats it (chat template with the generation prompt,
+    left padding, left truncation to `max_length`), so with the template the row is the state that
+    predicts the first response token: what a gate reads. The forward stops after `layer`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    adapter = ModelAdapter(model)
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        batch = encode_prompts(tokenizer, texts[start:start + batch_size], chat_template, max_length,
+                               device=adapter.device)
+        hidden = capture_residuals(adapter, [layer], batch["input_ids"], batch["attention_mask"],
+                                   reduce=lambda h: h[:, -1])[layer]
+        rows.append(hidden.float().cpu().numpy())
+    if not rows:
+        return np.zeros((0, adapter.d_model), dtype=np.float32)
+    return np.concatenate(rows).astype(np.float32, copy=False)

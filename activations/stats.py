@@ -276,3 +276,99 @@ def seed_summary(rates: Sequence[Any]) -> dict[str, Any]:
         "n_seeds": int(arr.size),
         "values": values,
     }
+
+
+def _t_value(df: int, confidence: float) -> float:
+    """Two-sided Student-t quantile with `df` degrees of freedom (normal when df is 0)."""
+    _z_value(confidence)
+    return float(sps.t.ppf(0.5 + confidence / 2.0, df)) if df > 0 else _z_value(confidence)
+
+
+def seed_average(values: Any, confidence: float = 0.95, bounds: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Across-seed mean of a per-prompt quantity with a CI for seed and prompt variance.
+
+    `values`: `(n_seeds, n_prompts)` float64, row s = the per-prompt values under SAE seed s, the
+    same prompts in the same columns (e.g. after − before refusal, in {-1, 0, 1}). The estimate is
+    the mean of the per-seed means. Its variance is estimated as the sum of two parts:
+    the between-seed variance of the per-seed means / n_seeds (SAE-seed variance) plus the
+    variance over prompts of the seed-averaged per-prompt values / n_prompts (the prompt sample,
+    shared by every seed). The half-width is sqrt(t² · seed part + z² · prompt part), t with
+    n_seeds − 1 degrees of freedom (4.30 for 3 seeds: honest about how little three seeds say), z
+    normal; with one seed only the prompt part. `bounds` (e.g. (-1, 1) for a change of a rate) clips
+    the interval to the values the mean can take. Returns `{"mean", "ci", "per_seed", "n_seeds", "n",
+    "method"}`.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"seed_average needs a (n_seeds, n_prompts) array, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("seed_average got non-finite values")
+    n_seeds, n = x.shape
+    per_seed = x.mean(axis=1)
+    mean = float(per_seed.mean())
+    between = float(per_seed.var(ddof=1)) / n_seeds if n_seeds > 1 else 0.0
+    prompts = float(x.mean(axis=0).var(ddof=1)) / n if n > 1 else 0.0
+    half = float(np.sqrt(_t_value(n_seeds - 1, confidence) ** 2 * between + _z_value(confidence) ** 2 * prompts))
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return {"mean": mean, "ci": [lo, hi], "per_seed": [float(v) for v in per_seed],
+            "n_seeds": int(n_seeds), "n": int(n),
+            "method": "mean of per-seed means; half-width sqrt(t(seeds-1)^2 between-seed var / seeds + "
+                      "z^2 prompt var / prompts)"}
+
+
+def control_difference(selected: Any, controls: Any, n_resamples: int = 2000, seed: int = 0,
+                       confidence: float = 0.95) -> dict[str, Any]:
+    """Selected minus control, with a two-level bootstrap CI over control draws and prompts.
+
+    `selected`: `(n,)` per-prompt outcomes under the selected intervention; `controls`: `(n_draws, n)`
+    the same prompts under each random control draw. Estimate: mean(selected) − mean over draws of
+    mean(control). Each resample draws the control draws with replacement and, independently, the
+    prompts with replacement (the same prompts for selected and controls: the comparison is
+    paired). Returns `{"estimate", "ci", "control_mean", "control_draws": [per-draw means],
+    "n", "n_draws", "method"}`.
+    """
+    sel = np.asarray(selected, dtype=np.float64)
+    ctl = np.asarray(controls, dtype=np.float64)
+    if sel.ndim != 1 or ctl.ndim != 2 or ctl.shape[1] != sel.size or sel.size == 0 or ctl.shape[0] == 0:
+        raise ValueError(f"control_difference needs selected (n,) and controls (n_draws, n), got {sel.shape} "
+                         f"and {ctl.shape}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    _z_value(confidence)
+    n_draws, n = ctl.shape
+    rng = np.random.default_rng(seed)
+    stats_out = np.empty(n_resamples, dtype=np.float64)
+    for i in range(n_resamples):
+        rows = rng.integers(0, n, size=n)
+        draws = rng.integers(0, n_draws, size=n_draws)
+        stats_out[i] = sel[rows].mean() - ctl[np.ix_(draws, rows)].mean()
+    alpha = 1.0 - confidence
+    lo, hi = np.quantile(stats_out, [alpha / 2.0, 1.0 - alpha / 2.0])
+    per_draw = ctl.mean(axis=1)
+    return {"estimate": float(sel.mean() - per_draw.mean()), "ci": [float(lo), float(hi)],
+            "control_mean": float(per_draw.mean()), "control_draws": [float(v) for v in per_draw],
+            "n": int(n), "n_draws": int(n_draws),
+            "method": "two-level percentile bootstrap: control draws and prompts resampled (paired prompts)"}
+
+
+def run_average(values: Sequence[Any], confidence: float = 0.95) -> dict[str, Any]:
+    """Across-run mean when the runs were measured on different prompts (e.g. runs with different split
+    seeds): `values` is one 1-D per-prompt array per run. Estimate: the mean of the run means; variance:
+    between-run variance of the run means / n_runs (times t(n_runs − 1)²) + mean over runs of
+    (within-run variance / n_r) / n_runs (times z²) under one square root. Returns `{"mean", "ci",
+    "per_run", "n_runs", "n", "method"}` (`n`: prompts over all runs)."""
+    arrays = [np.asarray(v, dtype=np.float64) for v in values]
+    if not arrays or any(a.ndim != 1 or a.size == 0 for a in arrays):
+        raise ValueError("run_average needs one non-empty 1-D array per run")
+    means = np.array([a.mean() for a in arrays])
+    r = means.size
+    between = float(means.var(ddof=1)) / r if r > 1 else 0.0
+    within = float(np.mean([a.var(ddof=1) / a.size if a.size > 1 else 0.0 for a in arrays])) / r
+    mean = float(means.mean())
+    half = float(np.sqrt(_t_value(r - 1, confidence) ** 2 * between + _z_value(confidence) ** 2 * within))
+    return {"mean": mean, "ci": [mean - half, mean + half], "per_run": [float(m) for m in means], "n_runs": int(r),
+            "n": int(sum(a.size for a in arrays)),
+            "method": "mean of run means; half-width sqrt(t(runs-1)^2 between-run var / runs + z^2 within-run "
+                      "var of the mean / runs)"}

@@ -3,7 +3,10 @@
 The distance-gate tuner is objective-agnostic: it receives `outcome(decisions) -> (over_refusal_rate,
 harmful_refusal_rate)` computed by the caller (who may run the model under the steering the decisions
 ask for). It picks, among grid points whose harmful refusal stays >= the unsteered baseline (minus
-`tolerance`), the one with the lowest over-refusal (ties: higher harmful refusal, then grid order).
+`tolerance`), the one with the lowest over-refusal (ties: higher harmful refusal, then fewer steered
+rows, then grid order), and reports the grid's over-refusal / harmful-refusal frontier.
+`quantile_grid` puts the thresholds at quantiles of the calibrate scores (so each one splits the rows);
+`score_distribution` says, per category, where the scores lie (why a gate may do nothing).
 `proxy_outcome` is a cheap stand-in that predicts refusal from the decision itself.
 """
 from __future__ import annotations
@@ -77,16 +80,74 @@ class DistanceGrid:
                 for a, b, c, d, e in combos if a <= b]
 
 
+def quantile_grid(gate: DistanceGate, calibrate: LabelledRows, quantiles: Sequence[float],
+                  alpha_toward: Sequence[float], alpha_away: Sequence[float],
+                  partial: Sequence[str | float] = (0.0,)) -> DistanceGrid:
+    """A grid whose thresholds sit at `quantiles` of the gate's top score s = max_c s_c on the calibrate
+    rows, so every threshold splits the rows it is tuned on (a fixed grid like 0.45 / 0.55 may lie
+    outside the scores and change nothing). t_low also takes 0 (never steer away) and t_high 1 (never
+    steer toward), so the grid holds the one-sided gates and the no-op gate (t_low 0, t_high 1)."""
+    require_split(calibrate.splits, "calibrate", "distance gate thresholds")
+    q = np.asarray(list(quantiles), dtype=np.float64)
+    if q.size == 0 or np.any((q <= 0) | (q >= 1)):
+        raise ValueError(f"quantiles must lie strictly between 0 and 1, got {list(quantiles)}")
+    top = gate.scores(calibrate.features).max(axis=1)
+    cuts = sorted({round(float(v), 6) for v in np.quantile(top, q)})
+    return DistanceGrid(t_low=(0.0, *cuts), t_high=(*cuts, 1.0), alpha_toward=tuple(alpha_toward),
+                        alpha_away=tuple(alpha_away), partial=tuple(partial))
+
+
+def pareto_frontier(table: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The grid points no other point beats on both rates (lower over-refusal, higher harmful refusal),
+    by increasing over-refusal; of equal points the first in grid order is kept."""
+    kept: list[dict[str, Any]] = []
+    for point in sorted(table, key=lambda p: (p["over_refusal"], -p["harmful_refusal"])):
+        if not kept or point["harmful_refusal"] > kept[-1]["harmful_refusal"]:
+            kept.append(point)
+    return kept
+
+
+def score_distribution(gate: DistanceGate, rows: LabelledRows,
+                       quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)) -> dict[str, Any]:
+    """Per category of `rows`: n, mean and quantiles of the gate's top score s (labels are read here, for
+    the report, never by the gate); plus `auc_refusal_vs_benign`, the probability that a refusal-category
+    row scores above a benign or contrast row (0.5 = the score cannot tell them apart)."""
+    top = gate.scores(rows.features).max(axis=1)
+    cats = np.asarray(rows.categories).astype(str)
+    out: dict[str, Any] = {"per_category": {}}
+    for c in [c for c in (BENIGN, *REFUSAL_CATEGORIES, CONTRAST) if np.any(cats == c)]:
+        values = top[cats == c]
+        out["per_category"][c] = {"n": int(values.size), "mean": float(values.mean()),
+                                  "quantiles": {f"{q:g}": float(v) for q, v in zip(quantiles, np.quantile(values, quantiles))}}
+    refusal, over = top[np.isin(cats, REFUSAL_CATEGORIES)], top[np.isin(cats, [BENIGN, CONTRAST])]
+    out["auc_refusal_vs_benign"] = None if not (refusal.size and over.size) else float(
+        ((refusal[:, None] > over[None, :]).sum() + 0.5 * (refusal[:, None] == over[None, :]).sum())
+        / (refusal.size * over.size))
+    return out
+
+
 @dataclass
 class TuningReport:
-    """Baseline (unsteered) and per-grid-point outcomes on calibrate, and the chosen point."""
+    """Baseline (unsteered) and per-grid-point outcomes on calibrate, the chosen point, and the
+    over-refusal / harmful-refusal frontier of the grid (`pareto_frontier`)."""
 
     baseline: dict[str, float]
     chosen: dict[str, Any]
     table: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def frontier(self) -> list[dict[str, Any]]:
+        return pareto_frontier(self.table)
+
+    @property
+    def chosen_is_noop(self) -> bool:
+        """True when the chosen point steers no calibrate row (its rates equal the baseline's and it
+        never crosses a threshold: t_low 0 and t_high 1, or no row beyond either)."""
+        return bool(self.chosen.get("n_steered", 1) == 0)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"baseline": self.baseline, "chosen": self.chosen, "table": self.table}
+        return {"baseline": self.baseline, "chosen": self.chosen, "chosen_is_noop": self.chosen_is_noop,
+                "frontier": self.frontier, "table": self.table}
 
 
 def _no_op_decisions(gate: DistanceGate, scores: np.ndarray) -> list[GateDecision]:
@@ -111,12 +172,15 @@ def tune_distance_gate(
     base_over, base_harm = outcome(_no_op_decisions(gate, scores))
     best_key, best_point, table = None, None, []
     for point in grid.points():
-        over, harm = outcome(replace(gate, **point).decisions_from_scores(scores))
+        decisions = replace(gate, **point).decisions_from_scores(scores)
+        over, harm = outcome(decisions)
         feasible = harm >= base_harm - tolerance
-        table.append({**point, "over_refusal": over, "harmful_refusal": harm, "feasible": feasible})
-        key = (over, -harm)
+        n_steered = sum(d.direction != NONE and d.strength > 0 for d in decisions)
+        row = {**point, "over_refusal": over, "harmful_refusal": harm, "feasible": feasible, "n_steered": n_steered}
+        table.append(row)
+        key = (over, -harm, n_steered)  # ties: fewer steered rows (the simpler gate)
         if feasible and (best_key is None or key < best_key):
-            best_key, best_point = key, {**point, "over_refusal": over, "harmful_refusal": harm}
+            best_key, best_point = key, {k: v for k, v in row.items() if k != "feasible"}
     if best_point is None:
         raise ValueError(f"no grid point keeps harmful refusal >= baseline {base_harm:.3f} - {tolerance}; widen the grid")
     settings = {k: best_point[k] for k in ("t_low", "t_high", "alpha_toward", "alpha_away", "partial")}

@@ -19,13 +19,20 @@ the category directions; with Σ^{1/2} the round trip W⁻¹ W v = v is exact on
      ordered by singular value; keep the first `rank` columns;
   3. mixing m (rank,), learned on the projected whitened extract rows x̃ B of refusal (y=1) vs benign
      (y=0) rows; û = B m / ||B m|| (sign: toward refusal). Two choices:
-       "logistic" (default): class-balanced L2 logistic regression on x̃ B (C = `mixing_C`);
-       "lda": least squares of y on [x̃ B, 1]. Because the whitening covariance is that of the same
-              rows, Cov(x̃ B) = I and this is exactly Bᵀ W (μ_refusal - μ_benign): the Fisher
-              direction restricted to the subspace. At full rank it reproduces the pooled mean
-              difference μ_refusal - μ_benign, so it only differs from CAA when rank < n_cat.
+       "logistic" (default): L2 logistic regression on x̃ B (C = `mixing_C`) with sample weights;
+       "lda": m = Cov(x̃ B)⁻¹ (μ̃_refusal - μ̃_benign) of the projected rows (least squares of y on
+              [x̃ B, 1] up to scale). Because the whitening covariance is that of the same rows,
+              Cov(x̃ B) = I and m = Bᵀ W (μ_refusal - μ_benign): at full rank the steering vector is
+              exactly that mean difference.
+     `balance` says what "refusal" weighs: "category" (default) gives every refusal category the same
+     total weight (and refusal as a whole the weight of benign), so the refusal mean is the mean of
+     the category means; "pooled" weighs rows (refusal mean = pooled over rows, CAA's "global").
+     On data whose categories are balanced the two agree; when one category has many more rows,
+     the pooled mean is pulled toward it and the category-balanced combination is not, so the
+     learned combination then differs from the pooled mean difference.
      Whitening covariance: all extract rows used by the mixing (benign + refusal categories);
-  4. magnitude: s = û · W(μ_refusal - μ_benign), the refusal shift along û in whitened units;
+  4. magnitude: s = û · W(μ_refusal - μ_benign), the refusal shift along û in whitened units (same
+     balance);
   5. steering vector v = Σ^{1/2} (s û) (raw coordinates). Because s û lies in span(W V),
      v = Σ_c β_c v_c lies in span(V); `category_weights` reports β.
 """
@@ -148,16 +155,19 @@ def fit_lowrank_combination(
     mixing: str = "logistic",
     mixing_C: float = 1.0,
     whitener: Whitener | None = None,
+    balance: str = "category",
 ) -> LowRankResult:
     """Combine category directions (each (d,)) into one steering vector; extract rows only.
 
     `rank` (default: all) is how many whitened basis vectors the mixing may use; `mixing` is
-    "logistic" or "lda" (module docstring). The whitener is fitted on the benign + refusal extract
-    rows unless one is given.
+    "logistic" or "lda", `balance` "category" or "pooled" (module docstring). The whitener is fitted
+    on the benign + refusal extract rows unless one is given.
     """
     require_split(rows.splits, "extract", "low-rank combination")
     if mixing not in ("logistic", "lda"):
         raise ValueError(f"mixing must be 'logistic' or 'lda', got {mixing!r}")
+    if balance not in ("category", "pooled"):
+        raise ValueError(f"balance must be 'category' or 'pooled', got {balance!r}")
     if not directions:
         raise ValueError("low-rank combination needs at least one category direction")
     names = tuple(directions)
@@ -180,12 +190,13 @@ def fit_lowrank_combination(
     B = basis[:, :r]
 
     P = whitener.whiten(rows.features[used]) @ B  # (n, r)
-    m = _mixing_weights(P, refusal[used], mixing, mixing_C)
+    weights = _row_weights(rows.categories[used], refusal[used], balance)
+    m = _mixing_weights(P, refusal[used], weights, mixing, mixing_C)
     direction = B @ m
     if np.linalg.norm(direction) == 0:
         raise ValueError("the refusal/benign mixing fit gave a zero direction")
     u_hat = direction / np.linalg.norm(direction)
-    shift = whitener.whiten_direction(category_mean(rows, list(refusal_categories)) - category_mean(rows, BENIGN))
+    shift = whitener.whiten_direction(_refusal_mean(rows, refusal_categories, balance) - category_mean(rows, BENIGN))
     s = float(u_hat @ shift)
     if s < 0:
         u_hat, s = -u_hat, -s
@@ -200,20 +211,44 @@ def fit_lowrank_combination(
         combined_whitened=combined, basis_whitened=B, mixing=m, singular_values=singular,
         category_weights={n: float(b) for n, b in zip(names, beta)},
         per_category_lowrank={n: whitener.unwhiten_direction(projector @ U[i]) for i, n in enumerate(names)},
-        meta={"eps": eps, "ridge": whitener.ridge, "mixing": mixing, "whitened_shift": s, "splits": rows.provenance()},
+        meta={"eps": eps, "ridge": whitener.ridge, "mixing": mixing, "balance": balance, "whitened_shift": s,
+              "splits": rows.provenance()},
     )
 
 
-def _mixing_weights(P: np.ndarray, y: np.ndarray, mixing: str, C: float) -> np.ndarray:
-    """Mixing weights (r,) separating y=True from y=False rows of projected coordinates P (n, r)."""
+def _row_weights(categories: np.ndarray, y: np.ndarray, balance: str) -> np.ndarray:
+    """Sample weights (n,) summing to 1: benign rows share 1/2, refusal rows 1/2, the latter split
+    equally over the refusal categories present ("category") or over the rows ("pooled")."""
+    weights = np.where(y, 0.0, 0.5 / max(int((~y).sum()), 1))
+    if balance == "pooled":
+        return np.where(y, 0.5 / int(y.sum()), weights)
+    present = sorted(set(categories[y].tolist()))
+    for c in present:
+        mask = y & (categories == c)
+        weights[mask] = 0.5 / (len(present) * int(mask.sum()))
+    return weights
+
+
+def _refusal_mean(rows: LabelledRows, categories: Sequence[str], balance: str) -> np.ndarray:
+    """Mean refusal activation (d,): of the rows ("pooled") or of the present categories' means ("category")."""
+    if balance == "pooled":
+        return category_mean(rows, list(categories))
+    present = [c for c in categories if rows.category_mask(c).any()]
+    return np.mean([category_mean(rows, c) for c in present], axis=0)
+
+
+def _mixing_weights(P: np.ndarray, y: np.ndarray, weights: np.ndarray, mixing: str, C: float) -> np.ndarray:
+    """Mixing weights (r,) separating y=True from y=False rows of projected coordinates P (n, r),
+    each row weighted by `weights` (n,) (the class means of "lda" are weighted means)."""
     if mixing == "lda":
-        design = np.hstack([P, np.ones((P.shape[0], 1))])
-        coef, *_ = np.linalg.lstsq(design, y.astype(np.float64), rcond=None)
-        return coef[:-1]
+        cov = np.atleast_2d(np.cov(P, rowvar=False))
+        w1, w0 = weights * y, weights * ~y
+        diff = (w1 @ P) / w1.sum() - (w0 @ P) / w0.sum()
+        return np.linalg.lstsq(cov, diff, rcond=None)[0]
     from sklearn.linear_model import LogisticRegression
 
-    model = LogisticRegression(C=C, class_weight="balanced", max_iter=1000)
-    model.fit(P, y.astype(np.int64))
+    model = LogisticRegression(C=C, max_iter=1000)
+    model.fit(P, y.astype(np.int64), sample_weight=weights * len(y))  # mean weight 1, as class_weight="balanced"
     return model.coef_[0].astype(np.float64)
 
 

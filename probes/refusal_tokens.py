@@ -27,6 +27,7 @@ import torch
 
 from activations.records import PROBE_CLASSES
 from activations.hooks import BlockOutputCache
+from activations.prefix_cache import PrefixCache
 from activations.tokenize import encode_prompts, position_ids_from_mask
 from activations.io import read_json, write_json
 
@@ -170,7 +171,7 @@ def first_token_logits(
     max_length: int | None = 512,
     make_context: Callable[[np.ndarray], ContextManager] | None = None,
     progress: bool = False,
-    cache: BlockOutputCache | None = None,
+    cache: BlockOutputCache | PrefixCache | None = None,
     desc: str = "first-token logits",
 ) -> torch.Tensor:
     """Logits of the class tokens at the last prompt position, `(n, n_classes)` float32 on the CPU.
@@ -181,7 +182,9 @@ def first_token_logits(
 
     With `cache` (`activations.hooks.BlockOutputCache`; only when `make_context` intervenes at the
     cache's layer or later), a batch whose texts were seen before skips the blocks below that layer;
-    an unmodified forward (`make_context` None) records them. The logits are the same either way.
+    an unmodified forward (`make_context` None) records them. With an `activations.prefix_cache.PrefixCache`
+    (only when `make_context` touches the last position alone) each batch runs its last column on the
+    cached prefix. The logits are the same either way.
     """
     from activations.progress import progress_bar
 
@@ -197,6 +200,12 @@ def first_token_logits(
         rows = np.arange(start, min(len(texts), start + batch_size), dtype=np.int64)
         batch = encode_prompts(tokenizer, [texts[i] for i in rows], chat_template, max_length, device=device)
         key = (chat_template, max_length, *(texts[i] for i in rows))
+        if isinstance(cache, PrefixCache):
+            if max(ids) >= model.get_output_embeddings().weight.shape[0]:
+                raise ValueError(f"refusal token id {max(ids)} is outside the model's output rows")
+            logits = cache.last_logits(key, batch, None if make_context is None else make_context(rows), token_ids=ids)
+            chunks.append((logits if logits.shape[-1] == len(ids) else logits[:, ids]).float().cpu())
+            continue
         with contextlib.ExitStack() as stack:
             if cache is not None and key in cache:
                 stack.enter_context(cache.resumed(key))

@@ -7,6 +7,7 @@
 
 Spec grammar, categories, split rule and manifest fields: docs/prompts.md.
 """
+from activations.prompts.heldout import HeldOutSet, load_heldout_sets
 from activations.prompts.prompt_set import PromptSet, SourceSummary
 from activations.prompts.sources import LoadedSource, load_source
 from activations.prompts.spec import KINDS, SourceSpec, parse_spec
@@ -14,11 +15,13 @@ from activations.prompts.splits import DEFAULT_FRACTIONS, load_prompt_set, norma
 
 __all__ = [
     "DEFAULT_FRACTIONS",
+    "HeldOutSet",
     "KINDS",
     "LoadedSource",
     "PromptSet",
     "SourceSpec",
     "SourceSummary",
+    "load_heldout_sets",
     "load_prompt_set",
     "load_source",
     "normalise_text",

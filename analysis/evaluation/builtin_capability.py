@@ -2,6 +2,9 @@
 
 `builtin_mc`: 20 general-knowledge multiple-choice questions (4 options each).
 `builtin_arith`: 10 short arithmetic word problems with integer answers.
+`builtin_benign_pairs`: 12 benign requests with a short written answer each (about 400 response
+tokens in all), the text the next-token loss and KL under steering are measured on in tests and
+the quickstart (`analysis.evaluation.benign_text`).
 Far too small for conclusions on their own (a 95% CI on 20 items is about +-0.2 wide); real runs use
 MMLU / TruthfulQA / GSM8K from local files (`analysis.evaluation.capability_data`).
 """
@@ -46,6 +49,47 @@ _ARITH: tuple[tuple[str, int], ...] = (
     ("A train travels 60 kilometres each hour. How far does it travel in 5 hours, in kilometres?", 300),
     ("There are 9 apples in a bowl. Lena adds twice as many. How many apples are in the bowl now?", 27),
 )
+
+
+# (request, answer): ordinary requests and plain answers, written for this project
+_BENIGN: tuple[tuple[str, str], ...] = (
+    ("How do I boil an egg so the yolk stays soft?",
+     "Bring a pot of water to a gentle boil, lower the egg in with a spoon and cook it for six minutes. "
+     "Then cool it in cold water for a minute before peeling."),
+    ("Give me two tips for remembering new words in a foreign language.",
+     "Say each new word out loud in a sentence of your own, and review it again after one day and after one week. "
+     "Short, spaced reviews work better than one long session."),
+    ("What is photosynthesis?",
+     "Photosynthesis is the process plants use to turn sunlight, water and carbon dioxide into sugar. "
+     "Oxygen is released as a by-product."),
+    ("Write one friendly sentence inviting a colleague to lunch.",
+     "Would you like to join me for lunch on Thursday at the little noodle place around the corner?"),
+    ("Why do cats purr?",
+     "Cats often purr when they are relaxed or content, for example while being stroked. "
+     "They also purr when stressed or hurt, which may help them calm down."),
+    ("Suggest a quick breakfast that needs no cooking.",
+     "Try a bowl of yogurt with oats, sliced banana and a spoon of honey. It takes two minutes to make."),
+    ("How many planets are in the solar system?",
+     "There are eight planets: Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune."),
+    ("Explain what a budget is in one or two sentences.",
+     "A budget is a plan for how you will spend and save your money over a period such as a month. "
+     "It helps you see where money goes and avoid spending more than you earn."),
+    ("What should I pack for a day hike?",
+     "Pack water, a snack, a light jacket, sunscreen, a map or charged phone, and a small first-aid kit."),
+    ("Describe a rainbow to a child.",
+     "A rainbow is a big, curved band of colours in the sky. It appears when sunlight shines through "
+     "raindrops, which split the light into red, orange, yellow, green, blue and violet."),
+    ("How can I make my houseplants grow better?",
+     "Give them bright indirect light, water only when the top of the soil feels dry, and feed them with "
+     "a mild fertiliser in spring and summer."),
+    ("What is the capital of Canada?",
+     "The capital of Canada is Ottawa, a city in the province of Ontario."),
+)
+
+
+def builtin_benign_pairs() -> list[tuple[str, str]]:
+    """The 12 project-written (request, answer) pairs."""
+    return list(_BENIGN)
 
 
 def builtin_mc_items() -> list[MCItem]:

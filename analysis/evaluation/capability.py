@@ -77,7 +77,7 @@ def _mc_sequences(
     return sequences
 
 
-def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
+def supports_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
@@ -92,7 +92,7 @@ def _continuation_logprobs(model: torch.nn.Module, pad_id: int, batch: list[tupl
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         mask[row, width - len(ids):] = 1
     keep = max(n_cont for _, _, n_cont in batch) + 1  # positions predicting the continuation, plus one
-    kwargs: dict[str, Any] = {"logits_to_keep": keep} if _supports_logits_to_keep(model) else {}
+    kwargs: dict[str, Any] = {"logits_to_keep": keep} if supports_logits_to_keep(model) else {}
     input_ids, mask = input_ids.to(device), mask.to(device)
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                    use_cache=False, **kwargs).logits[:, -keep:]

@@ -192,3 +192,4 @@ def load_gsm8k(jsonl_path: str | Path, limit: int | None = None) -> list[GenItem
         if limit is not None and len(items) >= limit:
             break
     return items
+

@@ -18,8 +18,13 @@ import torch
 
 from activations.adapter import ModelAdapter
 from activations.hooks import BlockOutputCache
+from activations.prefix_cache import PrefixCache
 from activations.records import BENIGN, CONTRAST, REFUSAL_CATEGORIES, PromptRecord
-from analysis.evaluation.refusal import RefusalResult, evaluate_refusal, summarise_refusal
+from analysis.evaluation.refusal import (
+    RefusalResult,
+    evaluate_refusal,
+    summarise_refusal,
+)
 from analysis.interventions.steering import steer
 
 
@@ -36,6 +41,7 @@ class EvalSetup:
     max_length: int = 256
     reuse_blocks: bool = True
     _cache: BlockOutputCache | None = field(default=None, repr=False)
+    _prefix: PrefixCache | None = field(default=None, repr=False)
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -48,6 +54,14 @@ class EvalSetup:
         if self.reuse_blocks and self._cache is None:
             self._cache = BlockOutputCache(self.adapter, self.layer)
         return self._cache if self.reuse_blocks else None
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """KV caches of every column but the last, per batch, for interventions confined to the last
+        prompt position (None with `reuse_blocks=False`)."""
+        if self.reuse_blocks and self._prefix is None:
+            self._prefix = PrefixCache(self.model)
+        return self._prefix if self.reuse_blocks else None
 
 
 @dataclass
@@ -105,12 +119,15 @@ def run_refusal(
     progress: bool = False,
     at_layer: bool = True,
     desc: str = "refusal",
+    last_column: bool = False,
 ) -> list[RefusalResult]:
     """Refusal-token evaluation of `records` under `plan` (steering) or `context` (e.g. ablation);
     `progress` shows a bar named `desc`.
 
     `at_layer`: the intervention acts at `setup.layer` or later, so batches seen unsteered before
     skip the blocks below it (`EvalSetup.block_cache`); pass False for one acting at earlier layers.
+    `last_column`: the intervention touches only the last prompt position (at any layer), so each
+    batch runs only that column on the cached prefix (`EvalSetup.prefix_cache`).
     """
     if plan is not None and context is not None:
         raise ValueError("give a steering plan or a context, not both")
@@ -118,7 +135,7 @@ def run_refusal(
     return evaluate_refusal(
         setup.model, setup.tokenizer, records, spec=setup.spec, make_context=make_context,
         batch_size=setup.batch_size, max_length=setup.max_length, progress=progress, desc=desc,
-        cache=setup.block_cache if at_layer or make_context is None else None,
+        cache=setup.prefix_cache if last_column else setup.block_cache if at_layer or make_context is None else None,
     )
 
 
@@ -131,6 +148,15 @@ def refusal_table(results: Sequence[RefusalResult]) -> dict[str, dict[str, Any]]
     return table
 
 
+def length_order(records: Sequence[PromptRecord], tokenizer: Any, chat_template: bool = True) -> np.ndarray:
+    """Indices `(n,)` that sort `records` by formatted prompt length, then id: batches in this order
+    carry little padding, and the order does not depend on the order the records came in."""
+    from activations.tokenize import token_lengths
+
+    lengths = token_lengths(tokenizer, [r.text for r in records], chat_template)
+    return np.lexsort((np.array([r.id for r in records], dtype=object).astype(str), np.asarray(lengths)))
+
+
 def rates_of(results: Sequence[RefusalResult]) -> tuple[float, float]:
     """(over-refusal rate, harmful refusal rate) of a result list, for gate tuning objectives."""
     refused = np.array([r.refused for r in results])
@@ -139,3 +165,35 @@ def rates_of(results: Sequence[RefusalResult]) -> tuple[float, float]:
     harm = np.isin(cats, list(REFUSAL_CATEGORIES))
     return float(refused[over].mean()) if over.any() else 0.0, float(refused[harm].mean()) if harm.any() else 0.0
 
+
+
+def cached_outcome(setup: EvalSetup, records: Sequence[PromptRecord], baseline: Sequence[RefusalResult],
+                   vectors: Mapping[str, np.ndarray]) -> Callable[[Sequence[Any]], tuple[float, float]]:
+    """Gate-tuning objective `outcome(decisions) -> (over-refusal, harmful refusal)` on `records`.
+
+    A row the decisions leave alone keeps its `baseline` verdict (an unsteered row is the baseline
+    run); a steered row is run under its plan, and its verdict is remembered per (row, category,
+    signed strength), so a grid whose points share strengths runs each row at most once per
+    direction. Labels are read here, by the objective, never by a gate.
+    """
+    base = np.array([r.refused for r in baseline], dtype=bool)
+    if len(base) != len(records):
+        raise ValueError(f"baseline has {len(base)} results for {len(records)} records")
+    cache: dict[tuple[int, str, float], bool] = {}
+
+    def key(d: Any) -> tuple[int, str, float]:
+        return (int(d.row), str(d.category), float(d.signed_strength))
+
+    def outcome(decisions: Sequence[Any]) -> tuple[float, float]:
+        steered = [d for d in decisions if d.signed_strength != 0 and d.category in vectors]
+        todo = list({key(d): d for d in steered if key(d) not in cache}.values())
+        if todo:
+            plan = plan_from_decisions(todo, vectors, setup.adapter.d_model)
+            for d, found in zip(todo, run_refusal(setup, [records[d.row] for d in todo], plan)):
+                cache[key(d)] = found.refused
+        refused = base.copy()
+        for d in steered:
+            refused[d.row] = cache[key(d)]
+        return rates_of([RefusalResult(r.id, r.category, r.source, bool(f), "token") for r, f in zip(records, refused)])
+
+    return outcome

@@ -14,6 +14,7 @@ import torch
 from activations.adapter import ModelAdapter
 from activations.hooks import residual_hooks
 from analysis.interventions.core import (
+    PositionMask,
     as_direction_rows,
     check_positions,
     check_sae_width,
@@ -39,7 +40,7 @@ def ablate_direction(
     adapter: ModelAdapter,
     direction: Any,
     layers: Sequence[int] | str = "all",
-    positions: str = "all",
+    positions: str | PositionMask = "all",
 ) -> Iterator[None]:
     """Project `direction` out of the residual stream: x ← x − (x·r̂) r̂ at each listed layer.
 
@@ -47,7 +48,7 @@ def ablate_direction(
         direction: `(d_model,)` tensor or `SteeringVector`; it is normalised here (must be non-zero).
         layers: list of residual layers, or `"all"` = the embeddings (layer -1) and every block output
             (directional ablation as in Arditi et al. 2024).
-        positions: `"all"` or `"generated"` (see `steer`).
+        positions: `"all"`, `"generated"` (see `steer`) or a `PositionMask` (`core.py`).
     """
     check_positions(positions)
     vec = as_direction_rows(direction, adapter.d_model, "ablate_direction").double()
@@ -103,7 +104,7 @@ def clamp_features(
     value: float | None = None,
     multiple: float | None = None,
     typical: torch.Tensor | None = None,
-    positions: str = "all",
+    positions: str | PositionMask = "all",
 ) -> Iterator[None]:
     """Pin SAE features at `layer` to a value: z'[ids] = value, or multiple × typical[ids].
 
@@ -115,7 +116,7 @@ def clamp_features(
         value: fixed activation for every listed feature; or
         multiple, typical: `typical` is `(d_sae,)` or `(len(feature_ids),)` (e.g. mean activation when
             active); each feature is set to `multiple * typical`.
-        positions: `"all"` or `"generated"` (see `steer`).
+        positions: `"all"`, `"generated"` (see `steer`) or a `PositionMask` (`core.py`).
     """
     adapter.check_layer(layer)
     check_positions(positions)
@@ -139,7 +140,7 @@ def clamp_features(
 
 @contextmanager
 def ablate_features(
-    adapter: ModelAdapter, layer: int, sae: Any, feature_ids: Sequence[int], positions: str = "all"
+    adapter: ModelAdapter, layer: int, sae: Any, feature_ids: Sequence[int], positions: str | PositionMask = "all"
 ) -> Iterator[None]:
     """Zero the listed SAE features at `layer`, keeping the reconstruction error (clamp to 0)."""
     with clamp_features(adapter, layer, sae, feature_ids, value=0.0, positions=positions):

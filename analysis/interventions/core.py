@@ -20,11 +20,17 @@ import torch
 
 POSITIONS = ("all", "generated")
 
+PositionMask = Callable[[tuple[int, int]], torch.Tensor]
+"""`mask(shape (batch, seq)) -> (batch, seq) bool`: the positions to edit in a forward of that shape
+(e.g. the user-content tokens of a left-padded batch, from `activations.positions`)."""
 
-def check_positions(positions: str) -> str:
-    """Return `positions` if it is `"all"` or `"generated"`, else raise."""
+
+def check_positions(positions: Any) -> Any:
+    """Return `positions` if it is `"all"`, `"generated"` or a `PositionMask` callable, else raise."""
+    if callable(positions):
+        return positions
     if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+        raise ValueError(f"positions must be one of {', '.join(POSITIONS)} or a mask callable, got {positions!r}")
     return positions
 
 
@@ -102,14 +108,14 @@ def per_row(values: torch.Tensor, rows: torch.Tensor, trailing: int) -> torch.Te
 
 def edit_rows(
     hidden: torch.Tensor,
-    positions: str,
+    positions: Any,
     active: torch.Tensor | None,
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor | None:
     """Apply `fn` to the selected rows and positions of `hidden (batch, seq, d_model)`.
 
     Args:
-        positions: `"all"` or `"generated"` (last position of this forward).
+        positions: `"all"`, `"generated"` (last position of this forward) or a `PositionMask`.
         active: `(batch,)` bool of rows to edit, or None for all rows.
         fn: `fn(x (rows, pos, d_model) in float32 or wider, row_index (rows,) long) -> edited x` (same shape).
 
@@ -122,6 +128,15 @@ def edit_rows(
         return None
     rows = rows.to(hidden.device)
     work = torch.promote_types(hidden.dtype, torch.float32)
+    if callable(positions):
+        mask = positions((batch, hidden.shape[1])).to(hidden.device)
+        if mask.shape != hidden.shape[:2] or mask.dtype != torch.bool:
+            raise ValueError(f"a position mask must be bool of shape {tuple(hidden.shape[:2])}, got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+        out = hidden.clone()
+        edited = fn(hidden[rows].to(work), rows).to(hidden.dtype)
+        out[rows] = torch.where(mask[rows].unsqueeze(-1), edited, hidden[rows])
+        return out
     if rows.numel() == batch and positions == "all":
         return fn(hidden.to(work), rows).to(hidden.dtype)
     cols = slice(None) if positions == "all" else slice(-1, None)

@@ -23,6 +23,7 @@ import torch
 from activations.adapter import ModelAdapter
 from activations.hooks import residual_hooks
 from analysis.interventions.core import (
+    PositionMask,
     active_rows,
     as_alphas,
     as_direction_rows,
@@ -77,7 +78,7 @@ def steer(
     layer: int,
     vectors: Any,
     alphas: float | torch.Tensor = 1.0,
-    positions: str = "all",
+    positions: str | PositionMask = "all",
     operator: str = "add",
 ) -> Iterator[None]:
     """Edit the residual stream after block `layer` along `vectors` while the block is open.
@@ -120,7 +121,7 @@ def steer_sae(
     sae: Any,
     latent_deltas: torch.Tensor,
     alphas: float | torch.Tensor = 1.0,
-    positions: str = "all",
+    positions: str | PositionMask = "all",
 ) -> Iterator[None]:
     """Steer in SAE space: z = encode(x), z' = z + α δ, x' = decode(z') + (x − decode(z)).
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from activations.model_loading import ModelOptions
-from analysis.stages import analyze, evaluate, features, gates, harvest, refusal_tokens, select, train, vectors
+from analysis.stages import ablate, analyze, evaluate, features, gates, harvest, refusal_tokens, select, train, vectors
 
 
 @dataclass(kw_only=True)
@@ -21,7 +21,8 @@ class PipelineConfig(ModelOptions):
         model: hub id, local model folder, or smollm2-135m-instruct (the base model).
         prompts: prompt source specs (builtin:quickstart, coconot:PATH, xstest:PATH, jsonl:PATH, ...).
         seed: split assignment and every fit's seed.
-        refusal_tokens, harvest, train, select, vectors, gates, evaluate, analyze, features: the stages' sections.
+        refusal_tokens, harvest, train, select, vectors, gates, evaluate, ablate, analyze, features: the stages'
+        sections.
     """
 
     model: str = "smollm2-135m-instruct"
@@ -34,6 +35,7 @@ class PipelineConfig(ModelOptions):
     vectors: vectors.Config = field(default_factory=vectors.Config)
     gates: gates.Config = field(default_factory=gates.Config)
     evaluate: evaluate.Config = field(default_factory=evaluate.Config)
+    ablate: ablate.Config = field(default_factory=ablate.Config)
     analyze: analyze.Config = field(default_factory=analyze.Config)
     features: features.Config = field(default_factory=features.Config)
 

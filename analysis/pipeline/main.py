@@ -1,7 +1,8 @@
 """`refusal-sae pipeline -c CONFIG --out DIR`: every stage, resumably, then summary.json + report.html.
 
 Stages (each skipped when its stamp matches its inputs' hashes, so a rerun after a crash resumes):
-prompts → refusal_tokens → harvest → train → select → vectors → gates → evaluate → analyze → features.
+prompts → refusal_tokens → harvest → train → select → vectors → gates → evaluate → ablate → analyze →
+features.
 The config is validated whole (unknown keys, wrong types) before the first stage runs.
 """
 from __future__ import annotations
@@ -14,13 +15,13 @@ from typing import Any
 
 from analysis.pipeline.config import OLD_KEYS, OLD_SECTIONS, PipelineConfig
 from analysis.pipeline.runner import Stage, StageRunner
-from analysis.stages import analyze, evaluate, features, gates, harvest, prompts, refusal_tokens, select, train, vectors
+from analysis.stages import ablate, analyze, evaluate, features, gates, harvest, prompts, refusal_tokens, select, train, vectors
 from analysis.stages.command import Command
 from analysis.stages.context import PipelineStage, RunContext
 
 PIPELINE: tuple[PipelineStage, ...] = (
     prompts.STAGE, refusal_tokens.STAGE, harvest.STAGE, train.STAGE, select.STAGE, vectors.STAGE, gates.STAGE,
-    evaluate.STAGE, analyze.STAGE, features.STAGE,
+    evaluate.STAGE, ablate.STAGE, analyze.STAGE, features.STAGE,
 )
 """The stages in the order they run."""
 

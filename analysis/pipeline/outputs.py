@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from activations.io import read_json, write_json
+from analysis.reporting.findings import build_findings, paired_summary
 from analysis.reporting.report import ReportExtras, write_report
 from analysis.reporting.summary import SCHEMA_VERSION, validate_summary
+from analysis.stages.ablate import results_path as ablation_path
 from analysis.stages.analyze import analysis_path
 from analysis.stages.context import RunContext
 from analysis.stages.evaluate import results_path
 from analysis.stages.features import cards_path, read_cards
+from analysis.stages.gates import NAME as GATES
 from analysis.stages.prompts import manifest_path
 from analysis.stages.select import REPORT_NAME as SELECT_REPORT
 from analysis.stages.select import selection_dir
@@ -64,7 +67,8 @@ def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
     results = _read(results_path(ctx))
     analysis = _read(analysis_path(ctx))
     stability = analysis["stability"]
-    return {
+    tuning = _read(ctx.stage_dir(GATES) / "tuning.json")
+    summary = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": ctx.cfg.model,
@@ -93,9 +97,39 @@ def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
         "refusal": results["refusal"],
         "capability": {cond: {task: {k: e[k] for k in ("score", "ci", "n")} for task, e in tasks.items()}
                        for cond, tasks in results["capability"].items()},
+        "capability_readable": results.get("capability_readable", {}),
+        "benign_text": results.get("benign_text", {}),
+        "frontier": _frontier_summary(results["frontier"]),
+        "eval_sets": {name: _eval_set_summary(entry) for name, entry in results.get("eval_sets", {}).items()},
+        "gates": {"distance": {**{k: tuning["distance"][k] for k in ("baseline", "chosen", "chosen_is_noop", "frontier")},
+                               "scores": {"calibrate": tuning["distance_scores"]["calibrate"],
+                                          "eval": results["distance_scores"]},
+                               "eval_decisions": results["gate_decisions"].get("conditional_distance", {})}},
         "steering": {"layer": results["layer"], "alpha": results["alpha"], "positions": results["positions"]},
         "timings_seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(wall_seconds, 1)},
+        "paired_vs_baseline": paired_summary(results["paired_vs_baseline"]),
     }
+    if ablation_path(ctx).is_file():
+        summary["ablation"] = _read(ablation_path(ctx))
+    summary["findings"] = [f.to_dict() for f in build_findings(summary)]
+    return summary
+
+
+def _frontier_summary(frontier: dict[str, Any]) -> dict[str, Any]:
+    """The gating verdict without the long point lists (those stay in RUN/evaluate/results.json)."""
+    return {"best_gate": frontier["best_gate"], "goal_met": frontier["goal_met"], "tolerance": frontier["tolerance"],
+            "verdict": frontier["verdict"],
+            "gates": {name: {k: g[k] for k in ("over_refusal", "harmful", "meets_goal", "p_over_refusal")}
+                      for name, g in frontier["gates"].items()}}
+
+
+def _eval_set_summary(entry: dict[str, Any]) -> dict[str, Any]:
+    """One held-out set: its manifest (counts, overlap removed), refusal per condition, gating verdict."""
+    manifest = entry["manifest"]
+    return {**{k: manifest[k] for k in ("specs", "n", "n_read", "categories", "sha256", "n_duplicates_removed",
+                                        "n_overlap_removed", "n_overlap_eval")},
+            "refusal": entry["refusal"], "frontier": _frontier_summary(entry["frontier"]),
+            "paired_vs_baseline": paired_summary(entry.get("paired_vs_baseline", {}))}
 
 
 def _features_for_report(ctx: RunContext) -> dict[str, list[dict[str, Any]]]:
@@ -115,6 +149,23 @@ def _features_for_report(ctx: RunContext) -> dict[str, list[dict[str, Any]]]:
             for i, (fid, w) in enumerate(zip(dense.get("feature_ids", []), dense.get("weights", [])))
         ]
     return rows
+
+
+def _sufficiency_table(ablation: dict[str, Any] | None) -> dict[str, dict[str, Any]] | None:
+    """Per category c: of the benign + contrast eval prompts steered toward c, the share refused and the
+    share whose first token chose c (and the same under the random directions, first draw)."""
+    suff = (ablation or {}).get("sufficiency")
+    if not suff:
+        return None
+    out = {}
+    for c, decided in suff["decided_category"].items():
+        row = {"refused (benign + contrast)": suff["over_refusal_refused"][c], "chose c (benign + contrast)": decided["selected"]}
+        cell = suff["matrix"][c].get("over_refusal", {})
+        if "control" in cell:
+            row["random direction: refusal change (mean of draws)"] = cell["control"]["effect_mean"]
+            row["v_c minus random: refusal change"] = cell["vs_control"]["estimate"]
+        out[c] = row
+    return out
 
 
 def write_outputs(ctx: RunContext, timings: dict[str, float], wall_seconds: float,
@@ -144,7 +195,10 @@ def write_outputs(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
         seed_table=seed_table,
         notes=[f"{stage}: {seconds:.1f} s" for stage, seconds in summary["timings_seconds"].items()]
         + [f"model diffing (base vs refusal-token model): {json.dumps(analysis['diffing'])[:600]}"],
-        per_category_vectors={c: v["decided_category"] for c, v in results["sufficiency"].items()},
+        per_category_vectors=_sufficiency_table(summary.get("ablation")),
+        frontiers={"eval split": results["frontier"],
+                   **{f"held-out: {name}": e["frontier"] for name, e in results.get("eval_sets", {}).items()}},
+        distance_tuning=_read(ctx.stage_dir(GATES) / "tuning.json")["distance"],
     )
     write_report(ctx.root, summary, extras)
     return summary

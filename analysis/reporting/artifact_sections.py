@@ -103,18 +103,21 @@ def _strength_cell(strength: Any) -> str:
 
 
 def vectors_section(per_category: Mapping[str, Any] | None) -> Section | None:
-    """Sufficiency of each category's vector v_c: refusal on benign rows when steering toward c.
+    """Sufficiency of each category's vector v_c: what steering toward c does to benign + contrast prompts.
 
-    Accepts `{category: {rate, ci, n}}` (one column) or `{category: {set: {rate, ci, n}}}` (a matrix).
+    Accepts `{category: {rate, ci, n}}` (one column) or `{category: {column: {rate, ci, n} or number}}`.
     """
     if not per_category:
         return None
     categories = ordered_labels(list(per_category))
-    caption = "Refusal rate on benign eval prompts when steering toward category c with its own vector v_c."
+    caption = ("Every eval prompt steered toward category c with its own vector v_c (ablate stage, at its positions: "
+               "see the ablation section); columns are "
+               "shares of the benign + contrast prompts: refused, and whose first token chose c (not the same thing: "
+               "a refused prompt may choose another category).")
     if all(is_rate(v) or not isinstance(v, Mapping) for v in per_category.values()):
         rows = [[row_header(c), value_cell(per_category[c]) if not is_rate(per_category[c]) else rate_cell(per_category[c])]
                 for c in categories]
-        return Section("vectors", table(["steered toward", "refusal rate on benign"], rows, caption))
+        return Section("vectors", table(["steered toward", "share of benign + contrast"], rows, caption))
     columns = ordered_labels([s for v in per_category.values() if isinstance(v, Mapping) for s in v])
     rows = []
     for c in categories:

@@ -18,15 +18,22 @@ import yaml
 from analysis.reporting.plots import png_to_data_uri
 
 SECTION_TITLES: dict[str, str] = {
+    "findings": "Findings",
     "splits": "Data splits",
     "sae": "SAE training and quality",
     "probe": "Probe accuracy",
     "features": "Selected features",
     "refusal": "Refusal by condition",
+    "paired": "Paired tests against the baseline (McNemar)",
+    "ablation": "Ablation experiments: necessity and sufficiency beside random controls",
+    "gating": "The gating goal: gates against unconditional steering",
+    "distance_gate": "Distance gate: tuning and score distributions",
+    "heldout": "Held-out benchmarks",
     "tradeoff": "Refusal trade-off",
-    "vectors": "Per-category steering vectors",
+    "vectors": "Steering toward each category: benign + contrast prompts",
     "seeds": "Per-seed results",
     "capability": "Capability",
+    "cost": "What steering costs on benign text",
     "stability": "Stability across seeds",
     "geometry": "Geometry",
     "notes": "Notes",

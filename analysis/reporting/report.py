@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from activations.io import write_text_atomic
-from analysis.reporting import artifact_sections as report_extra_sections, sections as report_sections
+from analysis.reporting import ablation_sections, benchmark_sections
+from analysis.reporting import artifact_sections as report_extra_sections
+from analysis.reporting import sections as report_sections
 from analysis.reporting.feature_pages import CARD_STYLE
 from analysis.reporting.html import FigureMaker, Section, esc, key_values
 from analysis.reporting.summary import validate_summary
@@ -39,8 +41,12 @@ class ReportExtras:
     embedding_pngs: space name → PNG from `analysis.evaluation.geometry.plot_embeddings` (inlined).
     seed_table: one dict per seed (metrics and per-seed refusal rates).
     notes: free-text lines, e.g. wall time per stage.
-    per_category_vectors: category → {rate, ci, n} (or → set → {rate, ci, n}): refusal on benign
-        rows when steering toward category c with its own vector v_c.
+    per_category_vectors: category → {column: {rate, ci, n} or number}: what steering every eval prompt
+        toward category c with its own vector v_c does to the benign + contrast prompts (share refused,
+        share choosing c, beside random directions).
+    frontiers: set name (eval split, then each held-out set) → `gating_frontier` result (with the
+        unconditional points), plotted in the gating section.
+    distance_tuning: the distance gate's tuning report (`TuningReport.to_dict()`: grid table, frontier).
     """
 
     config: dict[str, Any] | None = None
@@ -54,6 +60,8 @@ class ReportExtras:
     seed_table: list[dict[str, Any]] | None = None
     notes: list[str] | None = None
     per_category_vectors: dict[str, Any] | None = None
+    frontiers: dict[str, dict[str, Any]] | None = None
+    distance_tuning: dict[str, Any] | None = None
 
 
 STYLE = """
@@ -99,15 +107,22 @@ footer { margin-top: 48px; color: var(--muted); font-size: 12px; }
 def _sections(summary: dict[str, Any], extras: ReportExtras, figs: FigureMaker) -> list[Section]:
     """Every section with something to show, in page order."""
     candidates = [
+        ablation_sections.findings_section(summary.get("findings")),
         report_sections.splits_section(summary["splits"], extras.split_manifest),
         report_sections.sae_section(summary["sae"], extras.training_curves, figs, extras.sae_training_rows),
         report_sections.probe_section(summary["probe"]),
         report_extra_sections.features_section(extras.features, extras.feature_cards),
         report_sections.refusal_section(summary["refusal"], figs),
+        ablation_sections.paired_section(summary.get("paired_vs_baseline")),
+        ablation_sections.ablation_section(summary.get("ablation")),
+        benchmark_sections.gating_section(extras.frontiers, figs),
+        benchmark_sections.distance_gate_section((summary.get("gates") or {}).get("distance"), extras.distance_tuning, figs),
+        benchmark_sections.heldout_section(summary.get("eval_sets")),
         report_extra_sections.tradeoff_section(extras.tradeoff_points, figs),
         report_extra_sections.vectors_section(extras.per_category_vectors),
         report_extra_sections.seeds_section(extras.seed_table),
-        report_sections.capability_section(summary["capability"]),
+        report_sections.capability_section(summary["capability"], summary.get("capability_readable")),
+        benchmark_sections.cost_section(summary.get("benign_text"), summary.get("capability_readable")),
         report_sections.stability_section(summary["stability"]),
         report_sections.geometry_section(summary["geometry"], extras.embedding_pngs),
         report_extra_sections.notes_section(extras.notes),

@@ -14,7 +14,7 @@ from analysis.reporting.plots import ordered_labels, plot_rate_bars, plot_traini
 from analysis.reporting.html import (
     FigureMaker, Section, esc, figure, fmt_num, key_values, rate_cell, row_header, table, value_cell, yaml_block,
 )
-from analysis.reporting.summary import REQUIRED_CONDITIONS, REQUIRED_KEYS
+from analysis.reporting.summary import REQUIRED_CONDITIONS, REQUIRED_KEYS, SECTION_KEYS
 
 GEOMETRY_DIRECTION = {"silhouette": "↑ higher is better", "davies_bouldin": "↓ lower is better",
                       "calinski_harabasz": "↑ higher is better"}
@@ -143,7 +143,8 @@ def refusal_section(refusal: Mapping[str, Mapping[str, Any]], figs: FigureMaker)
     rows = [[row_header(c)] + [rate_cell(refusal[c][s]) if s in refusal[c] else "<td>—</td>" for s in sets]
             for c in conditions]
     body = [table(["condition", *sets], rows,
-                  "Refusal rate [95% Wilson CI] and n prompts, eval split. Darker cells refuse more.", "matrix")]
+                  "Refusal rate [95% Wilson CI] and n prompts, eval split. Darker cells refuse more."
+                  + _same_as_note(refusal, "steer_lowrank", "steer_toward"), "matrix")]
     groups = [("Refusal on the refusal categories", [s for s in sets if s in REFUSAL_CATEGORIES]),
               ("Refusal on benign, contrast and aggregate sets", [s for s in sets if s not in REFUSAL_CATEGORIES])]
     for title, group in groups:
@@ -153,16 +154,32 @@ def refusal_section(refusal: Mapping[str, Mapping[str, Any]], figs: FigureMaker)
     return Section("refusal", "\n".join(body))
 
 
-def capability_section(capability: Mapping[str, Mapping[str, Any]]) -> Section | None:
-    """Condition × task table of capability scores with CIs."""
+def _same_as_note(refusal: Mapping[str, Mapping[str, Any]], a: str, b: str) -> str:
+    """A caption note when condition `a` has exactly `b`'s rates on every set (the same verdicts)."""
+    if a not in refusal or b not in refusal:
+        return ""
+    same = all(refusal[a].get(s, {}).get("rate") == refusal[b][s].get("rate") for s in refusal[b])
+    return (f" Note: {a} has exactly {b}'s rates on every set: its direction is (nearly) v_global, so it is not an "
+            "independent condition here." if same else "")
+
+
+def capability_section(capability: Mapping[str, Mapping[str, Any]],
+                       readable: Mapping[str, Mapping[str, Any]] | None = None) -> Section | None:
+    """Condition × task table of capability scores with CIs; a task whose baseline CI reaches chance is
+    marked unreadable in its header (it cannot show harm)."""
     if not capability:
         return None
+    readable = readable or {}
     conditions = _conditions(capability)
     tasks = list(dict.fromkeys(t for c in conditions for t in capability[c]))
+    headers = [f"{t} (UNREADABLE: at chance)" if readable.get(t, {}).get("readable") is False else t for t in tasks]
     rows = [[row_header(c)] + [rate_cell(capability[c][t], shade=False) if t in capability[c] else "<td>—</td>"
                                for t in tasks] for c in conditions]
     wide = "matrix" if len(tasks) > 4 else ""  # wide tables put n on a second line
-    return Section("capability", table(["condition", *tasks], rows, "Score [95% CI] and n items per task.", wide))
+    unreadable = [t for t in tasks if readable.get(t, {}).get("readable") is False]
+    note = (f" Unreadable: {', '.join(unreadable)} — the baseline's 95% CI reaches chance, so no change can be read "
+            "from these scores." if unreadable else "")
+    return Section("capability", table(["condition", *headers], rows, "Score [95% CI] and n items per task." + note, wide))
 
 
 def stability_section(stability: Mapping[str, Any]) -> Section | None:
@@ -201,7 +218,7 @@ def geometry_section(geometry: Mapping[str, Mapping[str, Any]], embedding_pngs: 
 def other_section(summary: Mapping[str, Any]) -> Section | None:
     """Summary fields the sections above do not show (structured ones only; scalars go in the header)."""
     rest = {k: v for k, v in summary.items()
-            if k not in REQUIRED_KEYS and k != "schema_version" and isinstance(v, (Mapping, list))}
+            if k not in (*REQUIRED_KEYS, *SECTION_KEYS) and k != "schema_version" and isinstance(v, (Mapping, list))}
     if not rest:
         return None
     return Section("other", yaml_block(rest))

@@ -13,6 +13,20 @@ Schema version 1 (documented in the README):
     geometry: {space: {silhouette, davies_bouldin, calinski_harabasz}}
     refusal: {condition: {set_or_category: {rate, ci: [lo, hi], n}}}
     capability: {condition: {task: {score, ci: [lo, hi], n}}}
+  optional (written by the pipeline since held-out benchmarks; checked when present):
+    eval_sets: {name: {specs, n, n_read, categories, sha256, n_duplicates_removed,
+                       n_overlap_removed: {extract, calibrate}, n_overlap_eval,
+                       refusal: {condition: {set: {rate, ci, n}}}, frontier: {...}}}
+    frontier: {best_gate, goal_met, tolerance, verdict, gates: {gate: {over_refusal, harmful, meets_goal,
+               p_over_refusal}}}                                    (the eval split's gating verdict)
+    gates: {distance: {baseline, chosen, chosen_is_noop, frontier, scores: {calibrate, eval}, eval_decisions}}
+    capability_readable: {task: {chance, score, ci, n, readable, reason}}
+    benign_text: {condition: {loss: {value, ci, n}, kl: {value, ci, n}, n_tokens}}
+    paired_vs_baseline: {condition: {set: {difference: {estimate, ci}, p_value, n, before_only, after_only}}}
+    ablation: the ablate stage's results (positions, feature_ablation {per_seed, averaged}, directional,
+              sufficiency; cells `analysis.evaluation.ablation_matrix.effect_cell` / seed-averaged)
+    findings: [{topic, condition, target, effect, ci, p_value, n, n_seeds, vs_control, control_ci,
+                beats_control, control_kind, sentence}]   (`analysis.reporting.findings`)
 """
 from __future__ import annotations
 
@@ -33,6 +47,9 @@ REQUIRED_CONDITIONS = (
     "ablate",
 )
 REQUIRED_SETS = (*REFUSAL_CATEGORIES, "benign", "contrast")
+SECTION_KEYS = ("eval_sets", "frontier", "gates", "capability_readable", "benign_text", "paired_vs_baseline", "ablation",
+                "findings")
+"""Optional keys the report shows in sections of their own."""
 
 
 def _check_interval(where: str, value: float | None, ci: Any, n: Any, problems: list[str]) -> None:
@@ -88,6 +105,14 @@ def validate_summary(summary: dict[str, Any], eval_counts: dict[str, int] | None
             problems.append(f"probe: missing '{metric}'")
         else:
             _check_interval(f"probe.{metric}", entry.get("value"), entry.get("ci"), entry.get("n"), problems)
+    _check_eval_sets(summary.get("eval_sets", {}), problems)
+    _check_benign_text(summary.get("benign_text", {}), problems)
+    _check_findings(summary.get("findings", []), problems)
+    for task, entry in summary.get("capability_readable", {}).items():
+        if task not in summary.get("capability", {}).get("baseline", {}):
+            problems.append(f"capability_readable.{task}: no baseline capability score for this task")
+        elif not isinstance(entry.get("readable"), bool):
+            problems.append(f"capability_readable.{task}: 'readable' must be true or false")
     for seed, metrics in summary.get("sae", {}).items():
         for key in ("fvu", "l0", "dead_fraction"):
             if key not in metrics:
@@ -96,3 +121,50 @@ def validate_summary(summary: dict[str, Any], eval_counts: dict[str, int] | None
             if key.startswith("decision_fidelity") and isinstance(entry, dict):
                 _check_interval(f"sae.{seed}.{key}", entry.get("rate"), entry.get("ci"), entry.get("n"), problems)
     return problems
+
+
+def _check_eval_sets(eval_sets: dict[str, Any], problems: list[str]) -> None:
+    """Each held-out set: counts add up, every rate is valid, n per category equals the set's counts."""
+    for name, entry in eval_sets.items():
+        where = f"eval_sets.{name}"
+        counts = entry.get("categories", {})
+        if entry.get("n") != sum(counts.values()):
+            problems.append(f"{where}: n={entry.get('n')} but its categories sum to {sum(counts.values())}")
+        removed = entry.get("n_overlap_removed", {})
+        if set(removed) != {"extract", "calibrate"}:
+            problems.append(f"{where}: n_overlap_removed must count 'extract' and 'calibrate', got {sorted(removed)}")
+        elif entry.get("n_read", 0) < entry.get("n", 0) + sum(removed.values()) + entry.get("n_duplicates_removed", 0):
+            problems.append(f"{where}: n_read={entry.get('n_read')} is less than kept + removed prompts")
+        if "baseline" not in entry.get("refusal", {}):
+            problems.append(f"{where}: refusal has no baseline condition")
+        for condition, table in entry.get("refusal", {}).items():
+            for key, cell in table.items():
+                _check_interval(f"{where}.refusal.{condition}.{key}", cell.get("rate"), cell.get("ci"), cell.get("n"),
+                                problems)
+                if key in counts and cell.get("n") != counts[key]:
+                    problems.append(f"{where}.refusal.{condition}.{key}: n={cell.get('n')} but the set has {counts[key]}")
+
+
+def _check_findings(findings: list[dict[str, Any]], problems: list[str]) -> None:
+    """Each finding: a sentence, and effect / vs_control inside their CIs."""
+    for i, f in enumerate(findings):
+        where = f"findings[{i}] ({f.get('condition')}, {f.get('target')})"
+        if not f.get("sentence"):
+            problems.append(f"{where}: no sentence")
+        for value, ci in ((f.get("effect"), f.get("ci")), (f.get("vs_control"), f.get("control_ci"))):
+            if value is not None and not (ci and ci[0] - 1e-9 <= value <= ci[1] + 1e-9):
+                problems.append(f"{where}: {value} outside its CI {ci}")
+
+
+def _check_benign_text(benign: dict[str, Any], problems: list[str]) -> None:
+    """Loss and KL per condition: finite, CI around the value, KL >= 0 and exactly 0 for the baseline."""
+    for condition, entry in benign.items():
+        for key in ("loss", "kl"):
+            cell = entry.get(key) or {}
+            value, ci = cell.get("value"), cell.get("ci")
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                problems.append(f"benign_text.{condition}.{key}: value {value!r} must be a finite number >= 0")
+            elif not (isinstance(ci, (list, tuple)) and len(ci) == 2 and ci[0] - 1e-12 <= value <= ci[1] + 1e-12):
+                problems.append(f"benign_text.{condition}.{key}: ci {ci!r} does not contain {value}")
+    if "baseline" in benign and benign["baseline"].get("kl", {}).get("value") not in (0, 0.0):
+        problems.append("benign_text.baseline.kl: the unsteered model's KL to itself must be 0")

@@ -16,16 +16,14 @@ import numpy as np
 from activations.io import write_json
 from activations.records import PromptRecord
 from activations.store import ActivationStore
-from activations.tokenize import token_lengths
-from analysis.evaluation.conditions import EvalSetup, Plan, plan_from_decisions, rates_of, run_refusal
-from analysis.evaluation.refusal import RefusalResult
+from analysis.evaluation.conditions import EvalSetup, cached_outcome, length_order, run_refusal
 from analysis.stages.context import PipelineStage, RunContext
 from analysis.stages.harvest import store_dir
 from analysis.stages.refusal_tokens import target_spec
 from analysis.stages.select import selection_dir
 from analysis.stages.train import run_saes
 from analysis.stages.vectors import vector_set
-from probes.gate_tuning import DistanceGrid, fit_distance_gate, tune_distance_gate, tune_probe_gate
+from probes.gate_tuning import fit_distance_gate, quantile_grid, score_distribution, tune_distance_gate, tune_probe_gate
 from probes.heads import HeadResult
 from probes.latents import encode_latents
 from probes.rows import LabelledRows, load_last_token_rows
@@ -38,10 +36,13 @@ class Config:
     """Gate tuning (pipeline section `gates:`).
 
     Args:
-        distance_t_low, distance_t_high: the distance gate's threshold grid (steer away below
-            t_low, toward above t_high); every grid point runs the steered model on calibrate, so
-            the grid is small.
+        distance_quantiles: the distance gate's thresholds sit at these quantiles of its top score on
+            calibrate (t_low also takes 0 = never steer away, t_high 1 = never steer toward, so the
+            grid holds the one-sided and the no-op gates). Steered verdicts are cached per row, so
+            the grid costs at most two steered passes over calibrate per strength.
         distance_partial: strength multipliers between the thresholds.
+        distance_tolerance: the chosen distance gate may lower harmful refusal on calibrate by at
+            most this much (a rate, 0.02 = 2 points) below the unsteered baseline.
         external_classifier: hub id or local folder of an external refusal classifier or judge
             (`probes.model_gates.ExternalClassifierGate`); the evaluate stage then adds the
             `conditional_external` condition. None = no external gate.
@@ -49,14 +50,18 @@ class Config:
         external_threshold: refuse score at or above which the gate steers toward refusal.
     """
 
-    distance_t_low: list[float] = field(default_factory=lambda: [0.45, 0.5])
-    distance_t_high: list[float] = field(default_factory=lambda: [0.5, 0.55])
+    distance_quantiles: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 0.9])
     distance_partial: list[float] = field(default_factory=lambda: [0.0])
+    distance_tolerance: float = 0.02
     external_classifier: str | None = None
     external_kind: Literal["sequence-classifier", "causal-judge"] = "sequence-classifier"
     external_threshold: float = 0.5
 
     def __post_init__(self) -> None:
+        if not self.distance_quantiles or not all(0.0 < q < 1.0 for q in self.distance_quantiles):
+            raise ValueError(f"distance_quantiles must lie strictly between 0 and 1, got {self.distance_quantiles}")
+        if not 0.0 <= self.distance_tolerance <= 1.0:
+            raise ValueError(f"distance_tolerance must lie in [0, 1], got {self.distance_tolerance}")
         if not 0.0 <= self.external_threshold <= 1.0:
             raise ValueError(f"external_threshold must lie in [0, 1], got {self.external_threshold}")
 
@@ -74,7 +79,8 @@ def external_gate(cfg: Config, alpha: float, device: str, batch_size: int, max_l
 def split_rows(ctx: RunContext, split: str) -> tuple[LabelledRows, list[PromptRecord]]:
     """Last-token rows of one split at the primary layer and the prompt records in the same order.
 
-    Rows are sorted by prompt length, so the fixed-order batches of the evaluation carry little padding.
+    Rows are sorted by prompt length, then id (`length_order`), so the fixed-order batches of the
+    evaluation carry little padding and any later run on the same prompts batches them identically.
     """
     store = ActivationStore(store_dir(ctx, "last"))
     rows = load_last_token_rows(store, ctx.layer, splits=(split,))
@@ -83,8 +89,7 @@ def split_rows(ctx: RunContext, split: str) -> tuple[LabelledRows, list[PromptRe
     if missing:
         raise ValueError(f"harvested prompt {missing[0]!r} is not in the {split} split of the prompt set")
     records = [by_id[str(i)] for i in rows.ids]
-    lengths = token_lengths(ctx.model("target")[1], [r.text for r in records], ctx.cfg.chat_template)
-    order = np.argsort(lengths, kind="stable")
+    order = length_order(records, ctx.model("target")[1], ctx.cfg.chat_template)
     return rows.subset(order), [records[i] for i in order]
 
 
@@ -101,25 +106,6 @@ def residual_vectors(ctx: RunContext) -> dict[str, np.ndarray]:
     return {name: vectors[name].vector.numpy().astype(np.float32) for name in vectors}
 
 
-def reusing_outcome(setup: EvalSetup, records: list[PromptRecord], baseline: list[RefusalResult],
-                    vectors: dict[str, np.ndarray]):
-    """Gate-tuning objective on calibrate: steer only the rows the gate acts on, reuse the baseline
-    verdict of the others (an unsteered row is bit-identical to the baseline run)."""
-    base = np.array([r.refused for r in baseline])
-
-    def outcome(decisions: list[Any]) -> tuple[float, float]:
-        plan = plan_from_decisions(decisions, vectors, setup.adapter.d_model)
-        active = np.flatnonzero(plan.alphas != 0)
-        refused = base.copy()
-        if active.size:
-            sub = Plan(plan.vectors[active], plan.alphas[active])
-            refused[active] = [r.refused for r in run_refusal(setup, [records[i] for i in active], sub)]
-        cats = [r.category for r in records]
-        return rates_of([RefusalResult(r.id, c, r.source, bool(f), "token") for r, c, f in zip(records, cats, refused)])
-
-    return outcome
-
-
 def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     """Distance gate (residual) and probe gate (SAE latents of the reference seed), tuned on calibrate."""
     alpha = ctx.cfg.evaluate.alpha
@@ -129,20 +115,22 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     extract, _ = split_rows(ctx, "extract")
     calibrate, cal_records = split_rows(ctx, "calibrate")
     baseline = run_refusal(setup, cal_records, progress=True, desc="calibrate baseline")
-    grid = DistanceGrid(t_low=tuple(cfg.distance_t_low), t_high=tuple(cfg.distance_t_high), alpha_toward=(alpha,),
-                        alpha_away=(alpha,), partial=tuple(cfg.distance_partial))
-    distance, report = tune_distance_gate(
-        fit_distance_gate(extract), calibrate, reusing_outcome(setup, cal_records, baseline, vectors), grid
-    )
+    fitted = fit_distance_gate(extract)
+    grid = quantile_grid(fitted, calibrate, cfg.distance_quantiles, (alpha,), (alpha,), tuple(cfg.distance_partial))
+    distance, report = tune_distance_gate(fitted, calibrate, cached_outcome(setup, cal_records, baseline, vectors),
+                                          grid, cfg.distance_tolerance)
     distance.save(out / "distance.json")
     head = HeadResult.load(str(selection_dir(ctx, "sae") / "head"))
     reference_seed, sae = next(iter(run_saes(ctx).items()))
     latents = calibrate.with_features(encode_latents(sae, calibrate.features))
     probe = tune_probe_gate(head, latents, alpha_toward=alpha)
     probe.save(out / "probe.json")
-    write_json(out / "tuning.json", {"distance": report.to_dict(), "probe": probe.meta, "probe_sae_seed": reference_seed})
+    write_json(out / "tuning.json", {"distance": report.to_dict(),
+                                     "distance_scores": {"calibrate": score_distribution(distance, calibrate)},
+                                     "probe": probe.meta, "probe_sae_seed": reference_seed})
     return {"distance_chosen": report.chosen, "distance_baseline": report.baseline,
-            "probe_thresholds": probe.thresholds, "probe_sae_seed": reference_seed}
+            "distance_noop": report.chosen_is_noop, "probe_thresholds": probe.thresholds,
+            "probe_sae_seed": reference_seed}
 
 
 def gate_path(ctx: RunContext, name: str) -> Path:

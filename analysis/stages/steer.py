@@ -13,9 +13,23 @@ A of `--steer.alphas` (adding ±A · v at `--layer` on every position, or `--ste
 `--ablate_sae`. The JSON holds, per condition, the refusal rate per category plus `over_refusal`
 (benign + contrast) and `harmful_refusal` (the five refusal categories), each `{rate, ci, n}`
 (Wilson 95%), the paired exact McNemar test against the baseline, and every prompt's decision.
+
+A finished pipeline run on new prompts, without refitting anything::
+
+    refusal-sae steer --run checkpoints/quickstart --prompts xstest:../shared/data/xstest/xstest_prompts.csv \
+        --split all --out xstest.json
+
+`--run RUN` takes the run's target model, refusal tokens, primary layer, steering vectors, tuned gates
+and SAE (and its `evaluate:` strength, sweep, positions and batch size unless `--steer.*` says
+otherwise; its model dtype, max_length and chat template always) and runs every condition of the
+run's evaluate stage on the prompts (`analysis.evaluation.set_evaluation`). `--split all` takes every
+prompt of the sources (a held-out benchmark), a split name that split of them. Either way, prompts
+whose text matches one the run fitted or tuned on (its extract / calibrate split) are removed and
+counted. On the run's own prompts with `--split eval` the baseline reproduces the run's exactly.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,22 +47,28 @@ class Config:
     """Steering evaluation (flags `--steer.*`).
 
     Args:
-        alphas: steering strengths; each is run as +A and -A.
-        positions: steer every position, or only the last prompt / generated positions.
-        batch_size: prompts per forward.
+        alphas: steering strengths; each is run as +A and -A. None = 2 4 8, or with --run the run's
+            evaluate.alphas (its sweep).
+        positions: steer every position, or only the last prompt / generated positions. None = all,
+            or with --run the run's evaluate.positions.
+        batch_size: prompts per forward. None = 16, or with --run the run's evaluate.batch_size.
     """
 
-    alphas: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
-    positions: Literal["all", "generated"] = "all"
-    batch_size: int = 16
+    alphas: list[float] | None = None
+    positions: Literal["all", "generated"] | None = None
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.alphas:
+        if self.alphas is not None and not self.alphas:
             raise ValueError("alphas needs at least one steering strength")
-        if not all(np.isfinite(self.alphas)):
+        if self.alphas is not None and not all(np.isfinite(self.alphas)):
             raise ValueError(f"alphas must be finite, got {list(self.alphas)}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+STANDALONE = {"alphas": [2.0, 4.0, 8.0], "positions": "all", "batch_size": 16}
+"""What a None field of Config means without --run."""
 
 
 @dataclass(kw_only=True)
@@ -56,6 +76,11 @@ class Inputs(TargetInputs):
     """Files of `refusal-sae steer`.
 
     Args:
+        model: refusal-token model folder (or a hub id with --tokens); not with --run.
+        split: split of the prompt set used; "all" = every prompt (a held-out benchmark).
+        run: a finished pipeline run folder: evaluate its conditions on --prompts (see the module
+            docstring); then --model, --tokens, --vectors, --vector, --layer, --ablate_sae and
+            --features are not given.
         vectors: vector-set folder (e.g. VECTORS/residual).
         vector: name of the vector in the set (e.g. global, safety).
         layer: block whose output is steered.
@@ -66,9 +91,12 @@ class Inputs(TargetInputs):
         out: output JSON.
     """
 
-    vectors: Path
-    vector: str
-    layer: int
+    model: str | None = None
+    split: Literal["extract", "calibrate", "eval", "all"] = "eval"
+    run: Path | None = None
+    vectors: Path | None = None
+    vector: str | None = None
+    layer: int | None = None
     ablate_sae: Path | None = None
     features: Path | None = None
     out: Path = Path("results.json")
@@ -130,6 +158,16 @@ def command(cfg: Config, inputs: Inputs) -> dict[str, Any]:
     from analysis.interventions.ablation import ablate_features
     from analysis.stages.common import features_seed, load_records, load_seed_sae, load_target
 
+    if inputs.run is not None:
+        from analysis.stages.steer_run import evaluate_run
+
+        return evaluate_run(cfg, inputs)
+    missing = [f"--{name}" for name in ("model", "vectors", "vector", "layer") if getattr(inputs, name) is None]
+    if missing:
+        raise ValueError(f"steer needs {', '.join(missing)} (or --run RUN to evaluate a finished run)")
+    if inputs.split == "all":
+        raise ValueError("--split all is for held-out prompts against a finished run (--run RUN)")
+    cfg = Config(**{k: STANDALONE[k] if getattr(cfg, k) is None else getattr(cfg, k) for k in STANDALONE})
     if (inputs.ablate_sae is None) != (inputs.features is None):
         raise ValueError("--ablate_sae and --features go together (the SAE and the features selected on it)")
     records = load_records(inputs.prompts, inputs.split, inputs.seed)
@@ -216,6 +254,10 @@ def _rate(entry: dict[str, Any]) -> str:
 
 
 def show(inputs: Inputs, payload: dict[str, Any]) -> None:
+    if inputs.run is not None:
+        from analysis.stages.steer_run import show_run
+
+        return show_run(inputs, payload, format_table(payload))
     print(f"refusal at layer {payload['layer']}, vector {payload['vector']['name']!r} "
           f"(|v| = {payload['vector']['norm']:.3f}), {payload['split']} split, {payload['n']} prompts")
     print(format_table(payload))

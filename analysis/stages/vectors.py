@@ -57,6 +57,8 @@ class Config:
         fire_threshold: a latent fires on a row when its value exceeds this.
         lowrank_rank: rank of the low-rank combination.
         mixing: how the low-rank combination's weights are fitted.
+        mixing_balance: what the mixing weighs: "category" = every refusal category the same total
+            weight (a category with many rows does not dominate), "pooled" = every row the same.
         eps: whitening ridge of the low-rank combination.
         categories: refusal categories (default: all five).
         batch_size: rows per SAE encoding batch.
@@ -70,6 +72,7 @@ class Config:
     fire_threshold: float = 0.0
     lowrank_rank: int = 2
     mixing: Literal["logistic", "lda"] = "logistic"
+    mixing_balance: Literal["category", "pooled"] = "category"
     eps: float = 1e-6
     categories: list[str] = field(default_factory=lambda: list(REFUSAL_CATEGORIES))
     batch_size: int = 4096
@@ -206,7 +209,7 @@ def build_vectors(
     global_vector = global_refusal_vector(rows, layer, model, categories)
     _tagged({**residual, "global": global_vector}, identity).save(out / "residual")
     lowrank = fit_lowrank_combination(rows, dict(residual), rank=cfg.lowrank_rank, eps=cfg.eps,
-                                      refusal_categories=categories, mixing=cfg.mixing)
+                                      refusal_categories=categories, mixing=cfg.mixing, balance=cfg.mixing_balance)
     lowrank_vector = lowrank.to_steering_vector(layer, model)
     _tagged({"lowrank": lowrank_vector}, identity).save(out / "lowrank")
 
@@ -216,7 +219,8 @@ def build_vectors(
         "sae_features": None if features is None else cfg.features,
         "extract": rows.provenance()["extract"],
         "params": {"tau": cfg.tau, "top_k": cfg.top_k, "rank": cfg.lowrank_rank, "shared_frequency": cfg.shared_frequency,
-                   "fire_threshold": cfg.fire_threshold, "mixing": cfg.mixing, "eps": cfg.eps},
+                   "fire_threshold": cfg.fire_threshold, "mixing": cfg.mixing, "mixing_balance": cfg.mixing_balance,
+                   "eps": cfg.eps},
         "residual": {c: {"norm": v.norm(), "cos_global": cosine(v.vector, global_vector.vector),
                          "n_rows": v.meta["n_rows"]["category"]} for c, v in residual.items()},
         "global": {"norm": global_vector.norm(), "n_rows": global_vector.meta["n_rows"]},

@@ -9,7 +9,7 @@ import pytest
 from activations.records import REFUSAL_CATEGORIES
 from analysis.reporting.report import ReportExtras, render_report, write_report
 from analysis.reporting.html import SECTION_TITLES
-from analysis.reporting.summary import REQUIRED_CONDITIONS, REQUIRED_SETS, validate_summary
+from analysis.reporting.summary import REQUIRED_CONDITIONS, REQUIRED_SETS, SECTION_KEYS, validate_summary
 from tests.helpers.report_fixtures import INJECTED, synthetic_extras, synthetic_summary
 
 
@@ -49,7 +49,8 @@ def test_every_condition_category_and_header_fact_is_shown(full_report):
 def test_self_contained_and_escaped(full_report):
     _, page = full_report
     images = re.findall(r'<img src="([^"]*)"', page)
-    assert len(images) == 5  # training curves, 2 refusal bar charts, trade-off, embeddings
+    # training curves, 2 refusal bar charts, trade-off, embeddings, gating frontier, distance grid, 2 score ranges
+    assert len(images) == 9
     assert all(src.startswith("data:image/png;base64,") and len(src) > 1000 for src in images)
     assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', page, flags=re.IGNORECASE)
     assert "<script" not in page.lower() and "<link" not in page.lower()
@@ -60,10 +61,13 @@ def test_self_contained_and_escaped(full_report):
 def test_missing_extras_leave_sections_out(tmp_path):
     summary = synthetic_summary()
     summary["capability"] = {}
+    for key in SECTION_KEYS:  # the optional summary keys with sections of their own
+        summary.pop(key)
     page = write_report(tmp_path, summary, ReportExtras()).read_text(encoding="utf-8")
     for anchor in ("splits", "sae", "probe", "refusal", "stability", "geometry"):
         assert f'<section id="{anchor}">' in page
-    for anchor in ("features", "tradeoff", "vectors", "seeds", "notes", "config", "capability"):
+    for anchor in ("features", "tradeoff", "vectors", "seeds", "notes", "config", "capability", "gating", "heldout",
+                   "distance_gate", "cost"):
         assert f'<section id="{anchor}">' not in page and f'href="#{anchor}"' not in page
     assert page.count("<img ") == 2  # only the two refusal bar charts
 
@@ -115,3 +119,21 @@ def test_feature_cards_and_sae_quality_are_shown_and_escaped(tmp_path):
     assert "CE loss recovered, splice at content" in page and "0.900 <span class=\"ci\">[0.850, 0.950]</span>" in page
     assert "removed duplicate 7; 93 kept" in page
     assert "matched (cos ≥ 0.70) in 1 of 1 other seeds" in page
+
+
+def test_benchmark_keys_are_validated_and_shown(full_report):
+    import copy
+
+    summary = synthetic_summary()
+    broken = copy.deepcopy(summary)
+    broken["eval_sets"]["xstest"]["refusal"]["baseline"]["safety"]["n"] = 19
+    broken["eval_sets"]["xstest"]["n_read"] = 10
+    broken["benign_text"]["baseline"]["kl"]["value"] = 0.1
+    broken["capability_readable"]["gsm8k"] = {"readable": False}
+    problems = "\n".join(validate_summary(broken))
+    assert "eval_sets.xstest.refusal.baseline.safety: n=19 but the set has 20" in problems
+    assert "n_read=10 is less than kept + removed" in problems
+    assert "KL to itself must be 0" in problems and "capability_readable.gsm8k" in problems
+    _, page = full_report
+    assert "removed: same text as an extract prompt" in page and "conditional_probe meets the goal" in page
+    assert "The distance gate steers no calibrate row" in page and "KL to unsteered" in page

@@ -55,6 +55,90 @@ def synthetic_summary(seed: int = 0) -> dict[str, Any]:
         "capability": {c: {"builtin_mc": score(40, 0.7), "arithmetic": score(20, 0.5)}
                        for c in ("baseline", "steer_away", "ablate")},
         "alpha_sweep": {"alphas": [2.0, 4.0, 8.0]},
+        **benchmark_keys(counts_rate),
+        **ablation_keys(rng),
+    }
+
+
+def ablation_keys(rng: np.random.Generator) -> dict[str, Any]:
+    """`paired_vs_baseline`, `ablation` (two seeds, controls, directional, sufficiency) and `findings`,
+    computed by the library from made-up verdicts."""
+    from activations.records import PromptRecord
+    from activations.stats import paired_compare
+    from analysis.evaluation.ablation_matrix import effect_matrix, seed_averaged_matrix
+    from analysis.evaluation.refusal import RefusalResult
+    from analysis.reporting.findings import build_findings, paired_summary
+
+    cats = [c for c in CATEGORIES for _ in range(10)]
+    records = [PromptRecord(f"p{i}", "t", c) for i, c in enumerate(cats)]
+    base = np.array([c not in ("benign", "contrast") for c in cats]) | (rng.random(len(cats)) < 0.1)
+
+    def results(flags: np.ndarray) -> list:
+        return [RefusalResult(r.id, r.category, "", bool(f), "token") for r, f in zip(records, flags)]
+
+    def flip(p: float) -> list:
+        return results(base & (rng.random(len(cats)) > p))
+
+    conds = {s: {c: flip(0.5) for c in REFUSAL_CATEGORIES[:2]} for s in (0, 1)}
+    ctls = {s: {c: [flip(0.05) for _ in range(5)] for c in REFUSAL_CATEGORIES[:2]} for s in (0, 1)}
+    baseline = results(base)
+    ablation = {
+        "positions": "response_start", "features": "selected", "control_draws": 5, "control_seeds": "all",
+        "baseline_disagreements": 0,
+        "feature_ablation": {"per_seed": {str(s): {"matrix": effect_matrix(records, baseline, conds[s], ctls[s])}
+                                          for s in conds},
+                             "averaged": seed_averaged_matrix(records, baseline, conds, ctls)},
+        "directional": {"layers": "one", "draws": 2, "matrix": effect_matrix(records, baseline, conds[0], ctls[0])},
+        "sufficiency": {"alpha": 0.5, "draws": 2, "matrix": effect_matrix(
+            records, baseline, {"safety": results(base | (rng.random(len(cats)) < 0.4))},
+            {"safety": [results(base) for _ in range(2)]}, "increase")},
+    }
+    paired = {"steer_away": {"over_refusal": {"all": paired_compare(base, base & (rng.random(len(cats)) < 0.5))},
+                             "category": {}}}
+    out = {"paired_vs_baseline": paired_summary(paired), "ablation": ablation}
+    out["findings"] = [f.to_dict() for f in build_findings(out)]
+    return out
+
+
+def synthetic_frontier(counts_rate) -> dict[str, Any]:
+    """A `gating_frontier` result over made-up rates: one gate that meets the goal, one that does not."""
+    from analysis.evaluation.frontier import gating_frontier
+
+    tables = {"baseline": {"over_refusal": counts_rate(84, 0.3), "harmful_refusal": counts_rate(60, 0.8)},
+              "conditional_probe": {"over_refusal": counts_rate(84, 0.1), "harmful_refusal": counts_rate(60, 0.85)},
+              "conditional_distance": {"over_refusal": counts_rate(84, 0.5), "harmful_refusal": counts_rate(60, 0.9)}}
+    sweep = [{"condition": c, "strength": a, "over_refusal": counts_rate(84, 0.3 + sign * 0.05 * a),
+              "harmful": counts_rate(60, 0.8 + sign * 0.02 * a)}
+             for c, sign in (("steer_toward", 1), ("steer_away", -1)) for a in (1.0, 2.0)]
+    return gating_frontier(tables, sweep, ["conditional_probe", "conditional_distance"])
+
+
+def benchmark_keys(counts_rate) -> dict[str, Any]:
+    """The held-out set, gating, distance-gate, capability-readability and benign-text keys."""
+    frontier = synthetic_frontier(counts_rate)
+    short = {k: frontier[k] for k in ("best_gate", "goal_met", "tolerance", "verdict")}
+    held_counts = {"contrast": 25, "safety": 20}
+    scores = {"per_category": {c: {"n": 20, "mean": 0.5, "quantiles": {"0.05": 0.4, "0.25": 0.45, "0.5": 0.5,
+                                                                     "0.75": 0.55, "0.95": 0.6}}
+                               for c in ("benign", "safety", "contrast")}, "auc_refusal_vs_benign": 0.55}
+    grid = [{"t_low": 0.0, "t_high": 1.0, "over_refusal": 0.3, "harmful_refusal": 0.8, "n_steered": 0},
+            {"t_low": 0.45, "t_high": 0.55, "over_refusal": 0.25, "harmful_refusal": 0.7, "n_steered": 30}]
+    return {
+        "eval_sets": {"xstest": {"specs": ["xstest:x.csv"], "n": 45, "n_read": 50, "categories": held_counts,
+                                 "sha256": "e" * 64, "n_duplicates_removed": 1,
+                                 "n_overlap_removed": {"extract": 3, "calibrate": 1}, "n_overlap_eval": 2,
+                                 "refusal": {c: {k: counts_rate(n, 0.4) for k, n in held_counts.items()}
+                                             for c in ("baseline", "conditional_probe")},
+                                 "frontier": short}},
+        "frontier": short,
+        "gates": {"distance": {"baseline": grid[0], "chosen": grid[0], "chosen_is_noop": True, "frontier": grid,
+                               "scores": {"calibrate": scores, "eval": scores}, "eval_decisions": {"none:none": 144}}},
+        "capability_readable": {"builtin_mc": {"chance": 0.25, "score": 0.7, "ci": [0.55, 0.82], "n": 40,
+                                               "readable": True, "reason": "baseline above chance"}},
+        "benign_text": {c: {"loss": {"value": 2.0 + i, "ci": [1.8 + i, 2.2 + i], "n": 12},
+                            "kl": {"value": 0.0 if c == "baseline" else 0.1 * i, "ci": [0.0, 0.0] if c == "baseline"
+                                   else [0.05 * i, 0.2 * i], "n": 12}, "n_tokens": 400}
+                        for i, c in enumerate(("baseline", "steer_toward", "steer_away"))},
     }
 
 
@@ -89,4 +173,9 @@ def synthetic_extras(tmp_dir: Path, seed: int = 0) -> ReportExtras:
                     for s in (0, 1, 2)],
         notes=["harvest: 41.2 s", "train: 3 seeds × 12.0 s"],
         per_category_vectors={c: rate_from_counts(20 + i, 60) for i, c in enumerate(REFUSAL_CATEGORIES)},
+        frontiers={"eval split": synthetic_frontier(lambda n, p: rate_from_counts(int(round(n * p)), n))},
+        distance_tuning={"table": benchmark_keys(lambda n, p: rate_from_counts(int(round(n * p)), n))["gates"]
+                         ["distance"]["frontier"], "frontier": [], "chosen": {"t_low": 0.0, "t_high": 1.0,
+                                                                              "over_refusal": 0.3, "harmful_refusal": 0.8},
+                         "baseline": {"over_refusal": 0.3, "harmful_refusal": 0.8}},
     )

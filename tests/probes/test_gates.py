@@ -150,3 +150,44 @@ def test_probe_gate_tuned_on_calibrate_applied_to_eval(splits, tmp_path):
 def test_unknown_gate_kind():
     with pytest.raises(ValueError, match="unknown gate kind 'magic'"):
         Gate.from_json({"kind": "magic"})
+
+
+def test_quantile_grid_thresholds_split_the_calibrate_scores(splits):
+    from probes.gate_tuning import pareto_frontier, quantile_grid, score_distribution
+
+    gate = fit_distance_gate(splits["extract"])
+    cal = splits["calibrate"]
+    top = gate.scores(cal.features).max(axis=1)
+    grid = quantile_grid(gate, cal, (0.25, 0.5, 0.75), alpha_toward=(1.0,), alpha_away=(1.0,))
+    cuts = grid.t_low[1:]
+    assert grid.t_low[0] == 0.0 and grid.t_high[-1] == 1.0 and grid.t_high[:-1] == cuts
+    assert all(top.min() < t < top.max() for t in cuts)  # inside the scores: each one moves rows
+    steered = {len([d for d in replace_gate(gate, p).decide(cal.features) if d.direction != "none"])
+               for p in grid.points()}
+    assert 0 in steered and len(steered) >= 4  # the no-op point, and points that steer different rows
+    baseline = _baseline_refused(cal)
+    tuned, report = tune_distance_gate(gate, cal, proxy_outcome(cal.categories, baseline), grid, tolerance=0.02)
+    assert report.chosen["over_refusal"] < report.baseline["over_refusal"] and not report.chosen_is_noop
+    front = report.frontier
+    assert front == pareto_frontier(report.table) and front
+    assert all(a["over_refusal"] < b["over_refusal"] and a["harmful_refusal"] < b["harmful_refusal"]
+               for a, b in zip(front, front[1:]))
+    for p in report.table:  # every grid point is matched or beaten by a frontier point
+        assert any(f["over_refusal"] <= p["over_refusal"] and f["harmful_refusal"] >= p["harmful_refusal"] for f in front)
+    # when steering only ever hurts, the tuner keeps the gate that does nothing, and says so
+    hurt = lambda ds: (0.5 + 0.1 * any(d.direction != "none" for d in ds), 1.0)  # noqa: E731
+    _, noop = tune_distance_gate(gate, cal, hurt, grid)
+    assert noop.chosen_is_noop and (noop.chosen["t_low"], noop.chosen["t_high"]) == (0.0, 1.0)
+    dist = score_distribution(gate, cal)
+    assert dist["auc_refusal_vs_benign"] > 0.8  # the synthetic categories separate
+    assert set(dist["per_category"]) == set(np.unique(cal.categories))
+    q = dist["per_category"]["safety"]["quantiles"]
+    assert q["0.05"] <= q["0.5"] <= q["0.95"]
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        quantile_grid(gate, cal, (0.0, 0.5), (1.0,), (1.0,))
+
+
+def replace_gate(gate, point):
+    from dataclasses import replace
+
+    return replace(gate, **point)

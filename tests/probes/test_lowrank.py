@@ -98,3 +98,47 @@ def test_lowrank_rank_and_errors(rows, directions):
                                 directions)
     with pytest.raises(ValueError, match="size 7"):
         fit_lowrank_combination(rows, {"safety": np.ones(7)})
+
+
+def _cos(a, b):
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def unbalanced():
+    """Planted: 'safety' has 10x the rows of 'humanizing'; their mean shifts are orthogonal (e0, e1)."""
+    rng = np.random.default_rng(0)
+    mix = np.eye(D) + 0.3 * rng.normal(size=(D, D))
+    x, cats = [], []
+    for name, n, mean in (("benign", 200, np.zeros(D)), ("safety", 400, 3 * np.eye(D)[0]),
+                          ("humanizing", 40, 3 * np.eye(D)[1])):
+        x.append(rng.normal(size=(n, D)) @ mix + mean)
+        cats += [name] * n
+    n = len(cats)
+    rows = LabelledRows(np.vstack(x), np.array(cats), np.array(["extract"] * n), np.array([str(i) for i in range(n)]))
+    dirs = {c: mean_difference(rows, c) for c in ("safety", "humanizing")}
+    return rows, dirs
+
+
+def test_learned_mixing_differs_from_pooled_mean_on_unbalanced_categories(unbalanced):
+    rows, dirs = unbalanced
+    cats = ("safety", "humanizing")
+    pooled = mean_difference(rows, list(cats))  # CAA "global": pulled toward the big category
+    balanced = (dirs["safety"] + dirs["humanizing"]) / 2
+    assert _cos(pooled, balanced) < 0.8  # the planted imbalance matters
+    # closed form: category-balanced LDA at full rank is the mean of the category shifts, not the pooled one
+    lda = fit_lowrank_combination(rows, dirs, mixing="lda", eps=0.0, refusal_categories=cats)
+    np.testing.assert_allclose(lda.steering, balanced, rtol=1e-6, atol=1e-8)
+    assert _cos(lda.steering, pooled) < 0.8
+    lda_pooled = fit_lowrank_combination(rows, dirs, mixing="lda", eps=0.0, refusal_categories=cats, balance="pooled")
+    np.testing.assert_allclose(lda_pooled.steering, pooled, rtol=1e-6, atol=1e-8)
+    # the default (logistic, category-balanced) gives the small category far more than its share of rows
+    learned = fit_lowrank_combination(rows, dirs, refusal_categories=cats)
+    by_rows = fit_lowrank_combination(rows, dirs, refusal_categories=cats, balance="pooled")
+    share = learned.category_weights["humanizing"] / sum(learned.category_weights.values())
+    assert share > 1.5 * 40 / 440
+    assert _cos(learned.steering, pooled) < _cos(by_rows.steering, pooled) < 1.0
+    assert _cos(learned.steering, balanced) > _cos(pooled, balanced)
+    assert learned.meta["balance"] == "category"
+    with pytest.raises(ValueError, match="balance must be"):
+        fit_lowrank_combination(rows, dirs, refusal_categories=cats, balance="rows")
