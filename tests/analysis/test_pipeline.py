@@ -33,6 +33,8 @@ REDUCED = [
     "--evaluate.alphas", "2.0",
     "--evaluate.alpha", "2.0",
     "--evaluate.capability_limit", "3",
+    # every condition (the quickstart keeps two, for time)
+    "--evaluate.capability_conditions", json.dumps([c for c in REQUIRED_CONDITIONS if c != "baseline"]),
     "--evaluate.benign_limit", "4",
     "--evaluate.benign_response_tokens", "12",
     "--device", "cpu",
