@@ -224,23 +224,3 @@ class ShardDataModule(pl.LightningDataModule):
         raw = self.reader.empty(len(pick))  # type: ignore[union-attr]
         read_rows(self.reader, self.rows[pick], raw, None, self._where())  # type: ignore[arg-type]
         return as_torch(raw, self.reader.dtype_name).to(torch.float32)  # type: ignore[union-attr]
-
-    def metrics_batches(self, batch_rows: int = 4096) -> tuple[str, Iterator[torch.Tensor]]:
-        """(split used, iterator of CPU float32 batches) for the final metrics, at most `metrics_rows` rows."""
-        store = self._open()
-        split: str | list[str] | None = self.split
-        metrics_split, metrics_rows = self.data_cfg.metrics_split, self.data_cfg.metrics_rows
-        if metrics_split is not None and len(store.meta(metrics_split, self.categories)) > 0:
-            split = metrics_split
-        label = split if isinstance(split, str) else ("all" if split is None else "+".join(split))
-
-        def batches() -> Iterator[torch.Tensor]:
-            seen = 0
-            for x, _ in store.iter_chunks(self.layer, split, self.categories, chunk_rows=batch_rows):
-                take = min(len(x), metrics_rows - seen)
-                yield torch.from_numpy(x[:take])
-                seen += take
-                if seen >= metrics_rows:
-                    return
-
-        return label, batches()
