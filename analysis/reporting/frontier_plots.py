@@ -18,6 +18,7 @@ from analysis.reporting.plots import (
     color_for,
     condition_colors,
     ordered_labels,
+    rate_plane,
     save_fig,
 )
 
@@ -64,13 +65,8 @@ def plot_frontier(frontier: Mapping[str, Any], out_png: str | os.PathLike[str], 
         label = name + (" (meets goal)" if g.get("meets_goal") else "")
         ax.errorbar([x], [y], xerr=[[xl], [xh]], yerr=[[yl], [yh]], marker=GATE_MARKERS[i % len(GATE_MARKERS)], ms=7,
                     capsize=2, lw=1, color=colors[name], ls="none", label=label, zorder=4)
-    ax.set_xlabel("over-refusal (benign + contrast prompts refused)")
-    ax.set_ylabel("harmful refusal (refusal-category prompts refused)")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(title or "Gates against unconditional steering (95% CI)")
+    rate_plane(ax, "over-refusal (benign + contrast prompts refused)", "harmful refusal (refusal-category prompts refused)",
+               title or "Gates against unconditional steering (95% CI)", fontsize=7, loc="lower right")
     return save_fig(fig, out_png)
 
 

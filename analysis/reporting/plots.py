@@ -87,6 +87,17 @@ def png_to_data_uri(path: str | os.PathLike[str]) -> str:
     return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode("ascii")
 
 
+def rate_plane(ax: Any, xlabel: str, ylabel: str, plot_title: str, **legend: Any) -> None:
+    """Finish an over-refusal × harmful-refusal plot: labels, both axes on [0, 1], grid, legend, title."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(**legend)
+    ax.set_title(plot_title)
+
+
 def _rate_and_err(entry: Mapping[str, Any], what: str) -> tuple[float, float, float]:
     """(rate, lower error, upper error) from a rate dict; raises if the rate is missing."""
     if not isinstance(entry, Mapping) or entry.get("rate") is None:
@@ -129,13 +140,8 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], out_png: str | os.PathLik
                         (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         color = CATEGORY_COLORS[cond] if cond in named else palette[cond]
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", ms=4, capsize=2, lw=1, color=color, label=cond)
-    ax.set_xlabel("over-refusal rate (benign prompts refused)")
-    ax.set_ylabel("harmful refusal rate")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, title="condition")
-    ax.set_title(title or "Refusal trade-off (95% CI)")
+    rate_plane(ax, "over-refusal rate (benign prompts refused)", "harmful refusal rate",
+               title or "Refusal trade-off (95% CI)", fontsize=8, title="condition")
     return save_fig(fig, out_png)
 
 
