@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from activations.records import BENIGN, CONTRAST, REFUSAL_CATEGORIES
+from activations.stats import auc
 from probes.gates import NONE, DistanceGate, GateDecision, ProbeGate
 from probes.heads import HeadResult
 from probes.metrics import best_threshold
@@ -120,9 +121,7 @@ def score_distribution(gate: DistanceGate, rows: LabelledRows,
         out["per_category"][c] = {"n": int(values.size), "mean": float(values.mean()),
                                   "quantiles": {f"{q:g}": float(v) for q, v in zip(quantiles, np.quantile(values, quantiles))}}
     refusal, over = top[np.isin(cats, REFUSAL_CATEGORIES)], top[np.isin(cats, [BENIGN, CONTRAST])]
-    out["auc_refusal_vs_benign"] = None if not (refusal.size and over.size) else float(
-        ((refusal[:, None] > over[None, :]).sum() + 0.5 * (refusal[:, None] == over[None, :]).sum())
-        / (refusal.size * over.size))
+    out["auc_refusal_vs_benign"] = auc(refusal, over) if refusal.size and over.size else None
     return out
 
 

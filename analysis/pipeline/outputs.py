@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from activations.io import read_json, write_json
+from analysis.evaluation.separation import head_separation
 from analysis.reporting.findings import build_findings, paired_summary
 from analysis.reporting.report import ReportExtras, write_report
 from analysis.reporting.summary import SCHEMA_VERSION, validate_summary
@@ -101,6 +102,7 @@ def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
         "benign_text": results.get("benign_text", {}),
         "frontier": _frontier_summary(results["frontier"]),
         "eval_sets": {name: _eval_set_summary(entry) for name, entry in results.get("eval_sets", {}).items()},
+        "head_separation": _head_separation(ctx),
         "gates": {"distance": {**{k: tuning["distance"][k] for k in ("baseline", "chosen", "chosen_is_noop", "frontier")},
                                "scores": {"calibrate": tuning["distance_scores"]["calibrate"],
                                           "eval": results["distance_scores"]},
@@ -121,6 +123,17 @@ def _frontier_summary(frontier: dict[str, Any]) -> dict[str, Any]:
             "verdict": frontier["verdict"],
             "gates": {name: {k: g[k] for k in ("over_refusal", "harmful", "meets_goal", "p_over_refusal")}
                       for name, g in frontier["gates"].items()}}
+
+
+def _head_separation(ctx: RunContext) -> dict[str, Any]:
+    """Per prompt set (the eval split, each held-out set): how well the baseline refusal-token log-odds
+    separate refusal-category from benign/contrast prompts (`analysis.evaluation.separation`)."""
+    folder = results_path(ctx).parent
+    out = {"eval": head_separation(_read(folder / "rows.json")["baseline"])}
+    if (folder / "eval_sets.json").is_file():
+        out.update({name: head_separation(entry["rows"]["baseline"])
+                    for name, entry in _read(folder / "eval_sets.json").items()})
+    return out
 
 
 def _eval_set_summary(entry: dict[str, Any]) -> dict[str, Any]:

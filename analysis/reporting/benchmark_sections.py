@@ -89,6 +89,26 @@ def heldout_section(eval_sets: Mapping[str, Mapping[str, Any]] | None) -> Sectio
     return Section("heldout", "\n".join(body))
 
 
+def separation_section(separation: Mapping[str, Any] | None) -> Section | None:
+    """Per prompt set: how well the unsteered refusal-token log-odds separate the prompts to refuse from
+    those to answer (AUC with CI), beside the two refusal rates."""
+    if not separation:
+        return None
+    rows = []
+    for name, entry in separation.items():
+        if entry is None:
+            rows.append([row_header(name), "<td colspan=4>no refusal-token log-odds or an empty group</td>"])
+            continue
+        lo, hi = entry["ci"]
+        rows.append([row_header(name), f"<td>{entry['auc']:.3f} [{lo:.3f}, {hi:.3f}]</td>",
+                     f"<td>{entry['n_positive']} / {entry['n_negative']}</td>",
+                     rate_cell(entry["refusal_rate"]), rate_cell(entry["over_refusal_rate"])])
+    body = table(["prompt set", "AUC [95% CI]", "n refuse / answer", "refused: to refuse", "refused: to answer"], rows,
+                 "Baseline log p(refusal token) − log p(respond): AUC of refusal-category prompts against benign and "
+                 "contrast prompts (0.5 = the head cannot tell them apart); on XSTest, unsafe against safe.")
+    return Section("separation", body)
+
+
 def distance_gate_section(distance: Mapping[str, Any] | None, tuning: Mapping[str, Any] | None,
                           figs: FigureMaker) -> Section | None:
     """The distance gate: chosen thresholds, its grid and frontier on calibrate, its scores per

@@ -29,6 +29,7 @@ SECTION_TITLES: dict[str, str] = {
     "gating": "The gating goal: gates against unconditional steering",
     "distance_gate": "Distance gate: tuning and score distributions",
     "heldout": "Held-out benchmarks",
+    "separation": "Does the refusal-token head separate refuse from answer?",
     "tradeoff": "Refusal trade-off",
     "vectors": "Steering toward each category: benign + contrast prompts",
     "seeds": "Per-seed results",

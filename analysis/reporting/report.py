@@ -118,6 +118,7 @@ def _sections(summary: dict[str, Any], extras: ReportExtras, figs: FigureMaker) 
         benchmark_sections.gating_section(extras.frontiers, figs),
         benchmark_sections.distance_gate_section((summary.get("gates") or {}).get("distance"), extras.distance_tuning, figs),
         benchmark_sections.heldout_section(summary.get("eval_sets")),
+        benchmark_sections.separation_section(summary.get("head_separation")),
         report_extra_sections.tradeoff_section(extras.tradeoff_points, figs),
         report_extra_sections.vectors_section(extras.per_category_vectors),
         report_extra_sections.seeds_section(extras.seed_table),

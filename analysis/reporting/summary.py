@@ -25,6 +25,9 @@ Schema version 1 (documented in the README):
     paired_vs_baseline: {condition: {set: {difference: {estimate, ci}, p_value, n, before_only, after_only}}}
     ablation: the ablate stage's results (positions, feature_ablation {per_seed, averaged}, directional,
               sufficiency; cells `analysis.evaluation.ablation_matrix.effect_cell` / seed-averaged)
+    head_separation: {set: {auc, ci, n_positive, n_negative, method, refusal_rate, over_refusal_rate} | null}
+              (baseline refusal-token log-odds, refusal categories vs benign/contrast; set = eval or a
+               held-out set's name; `analysis.evaluation.separation`)
     findings: [{topic, condition, target, effect, ci, p_value, n, n_seeds, vs_control, control_ci,
                 beats_control, control_kind, sentence}]   (`analysis.reporting.findings`)
 """
@@ -48,7 +51,7 @@ REQUIRED_CONDITIONS = (
 )
 REQUIRED_SETS = (*REFUSAL_CATEGORIES, "benign", "contrast")
 SECTION_KEYS = ("eval_sets", "frontier", "gates", "capability_readable", "benign_text", "paired_vs_baseline", "ablation",
-                "findings")
+                "head_separation", "findings")
 """Optional keys the report shows in sections of their own."""
 
 

@@ -41,6 +41,7 @@ def evaluate_run(cfg: Any, inputs: Any) -> dict[str, Any]:
     from activations.prompts import load_prompt_set
     from activations.prompts.heldout import heldout_from_records
     from analysis.evaluation.conditions import length_order
+    from analysis.evaluation.separation import head_separation
     from analysis.evaluation.set_evaluation import evaluate_set
     from analysis.stages.suite import build_suite
 
@@ -70,6 +71,7 @@ def evaluate_run(cfg: Any, inputs: Any) -> dict[str, Any]:
         "layer": ctx.layer, "alpha": run_eval.alpha, "alphas": alphas, "positions": ctx.cfg.evaluate.positions,
         "prompts": list(inputs.prompts), "split": inputs.split, "seed": inputs.seed,
         "held_out": held.manifest(), **found.payload,
+        "head_separation": head_separation([r.to_dict() for r in found.results["baseline"]]),
         "rows": {name: [{k: v for k, v in r.to_dict().items() if k not in ("text", "votes", "method")} for r in rs]
                  for name, rs in found.results.items()},
     }

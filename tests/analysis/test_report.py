@@ -137,3 +137,10 @@ def test_benchmark_keys_are_validated_and_shown(full_report):
     _, page = full_report
     assert "removed: same text as an extract prompt" in page and "conditional_probe meets the goal" in page
     assert "The distance gate steers no calibrate row" in page and "KL to unsteered" in page
+
+
+def test_head_separation_is_shown(full_report):
+    _, page = full_report
+    section = page.split('<section id="separation">')[1].split("</section>")[0]
+    assert "0.900 [" in section and "4 / 5" in section  # 17 of 20 pairs ordered, two ties count half
+    assert "no refusal-token log-odds or an empty group" in section

@@ -11,6 +11,7 @@ from analysis.evaluation.geometry import plot_embeddings
 from analysis.reporting.report import ReportExtras
 from activations.stats import rate_from_counts
 from analysis.reporting.summary import REQUIRED_CONDITIONS, REQUIRED_SETS, SCHEMA_VERSION
+from analysis.evaluation.separation import head_separation
 
 EVAL_N = {"benign": 60, "contrast": 24, **{c: 12 for c in REFUSAL_CATEGORIES}}
 INJECTED = "<script>alert('x')</script>"
@@ -131,6 +132,10 @@ def benchmark_keys(counts_rate) -> dict[str, Any]:
                                              for c in ("baseline", "conditional_probe")},
                                  "frontier": short}},
         "frontier": short,
+        "head_separation": {"eval": head_separation(
+            [{"category": "safety", "log_odds": 2.0 + i, "refused": True} for i in range(4)]
+            + [{"category": "contrast", "log_odds": -1.0 + i, "refused": i > 2} for i in range(5)]),
+            "xstest": None},
         "gates": {"distance": {"baseline": grid[0], "chosen": grid[0], "chosen_is_noop": True, "frontier": grid,
                                "scores": {"calibrate": scores, "eval": scores}, "eval_decisions": {"none:none": 144}}},
         "capability_readable": {"builtin_mc": {"chance": 0.25, "score": 0.7, "ci": [0.55, 0.82], "n": 40,
