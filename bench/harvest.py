@@ -12,6 +12,9 @@ truncated-forward speed (goal >= 0.85 on a GPU).
     python bench/harvest.py --smoke                         # seconds, CPU, tiny random model
     python bench/harvest.py --model embedded --device cpu   # SmolLM2-135M on the CPU
     python bench/harvest.py --model llama8b --device cuda   # Llama-3-8B-shaped random model, bf16
+    python bench/harvest.py --model narrow --positions all --rows-per-shard 1024 --breakdown
+                                                            # CPU proxy: 32 narrow blocks, a forward that is
+                                                            # mostly Python launching small ops (as on a GPU)
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ def synthetic_records(n: int, min_words: int, max_words: int) -> list[PromptReco
 
 
 def build_model(kind: str, device: str, tokenizer_path: str | None) -> tuple[torch.nn.Module, object, str]:
-    """(model, tokenizer, label) for `tiny`, `embedded` or `llama8b` (random weights, bf16 on a GPU)."""
+    """(model, tokenizer, label) for `tiny`, `narrow`, `embedded` or `llama8b` (random weights, bf16 on a GPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from activations.model_loading import load_embedded_tokenizer, load_model, prepare_tokenizer
@@ -66,6 +69,10 @@ def build_model(kind: str, device: str, tokenizer_path: str | None) -> tuple[tor
     if kind == "tiny":
         config = LlamaConfig(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
                              intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=1024)
+        dtype = torch.float32
+    elif kind == "narrow":  # many small blocks: the forward is interpreter-bound, like the 8B one on an H200
+        config = LlamaConfig(hidden_size=128, num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=256, vocab_size=len(tokenizer), max_position_embeddings=1024)
         dtype = torch.float32
     else:
         config = LlamaConfig(**LLAMA8B)
@@ -127,7 +134,7 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
     def harvest_run() -> None:
         out = scratch / f"layer{layer}"
         harvest(model, tokenizer, records, [layer], out, positions=args.positions, batch_size=args.batch_size,
-                max_length=args.max_length, dtype=args.dtype, progress=False)
+                max_length=args.max_length, dtype=args.dtype, progress=False, rows_per_shard=args.rows_per_shard)
 
     @torch.inference_mode()
     def max_difference() -> float:
@@ -184,7 +191,7 @@ def breakdown(model, tokenizer, records, layer: int, args: argparse.Namespace, s
 
         def once() -> None:
             harvest(model, tokenizer, records, [layer], out, positions=args.positions, batch_size=args.batch_size,
-                    max_length=args.max_length, dtype=args.dtype, progress=False)
+                    max_length=args.max_length, dtype=args.dtype, progress=False, rows_per_shard=args.rows_per_shard)
         return median_time(once, device, args.repeats, prepare=lambda: shutil.rmtree(out, ignore_errors=True))
 
     run_batches, finish = harvest_module._run_batches, ShardWriter.finish
@@ -222,7 +229,8 @@ def profile_harvest(model, tokenizer, records, args: argparse.Namespace, scratch
 
     def run(out: Path) -> None:
         harvest(model, tokenizer, records, [args.layers[0]], out, positions=args.positions,
-                batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype, progress=False)
+                batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype, progress=False,
+                rows_per_shard=args.rows_per_shard)
 
     run(scratch / "warm")
     profiler = cProfile.Profile()
@@ -251,7 +259,7 @@ def print_table(label: str, device: str, args: argparse.Namespace, rows: list[di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tiny", "embedded", "llama8b"), default="embedded")
+    parser.add_argument("--model", choices=("tiny", "narrow", "embedded", "llama8b"), default="embedded")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="default: 9 18 (tiny: 1 4)")
     parser.add_argument("--prompts", type=int, default=None, help="number of prompts")
@@ -261,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--positions", choices=("last", "all"), default="last")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows-per-shard", type=int, default=None,
+                        help="rows per shard (default: the harvest's, about 64 MiB; a CPU proxy with a narrow model "
+                             "needs fewer to write as many shards per forward as the 8B harvest does)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the embedded one)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--profile", action="store_true", help="first print a cProfile of one harvest")
