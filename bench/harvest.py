@@ -12,7 +12,7 @@ truncated-forward speed (goal >= 0.85 on a GPU).
     python bench/harvest.py --smoke                         # seconds, CPU, tiny random model
     python bench/harvest.py --model embedded --device cpu   # SmolLM2-135M on the CPU
     python bench/harvest.py --model llama8b --device cuda   # Llama-3-8B-shaped random model, bf16
-    python bench/harvest.py --model narrow --positions all --rows-per-shard 1024 --breakdown
+    python bench/harvest.py --model narrow --threads 1 --positions all --rows-per-shard 1024 --breakdown
                                                             # CPU proxy: 32 narrow blocks, a forward that is
                                                             # mostly Python launching small ops (as on a GPU)
 """
@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="rows per shard (default: the harvest's, about 64 MiB; a CPU proxy with a narrow model "
                              "needs fewer to write as many shards per forward as the 8B harvest does)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the embedded one)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (a CPU proxy wants 1: more OpenMP threads than free cores stall "
+                             "whenever the harvest's own threads run)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--profile", action="store_true", help="first print a cProfile of one harvest")
     parser.add_argument("--breakdown", action="store_true",
@@ -285,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         args.words = (5, 30)
     args.layers = args.layers or ([1, 4] if args.model == "tiny" else [9, 18])
     args.prompts = args.prompts or (512 if args.device.startswith("cuda") else 64)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer, label = build_model(args.model, args.device, args.tokenizer)
     records = synthetic_records(args.prompts, *args.words)
     scratch = Path(tempfile.mkdtemp(prefix="bench-harvest-"))
