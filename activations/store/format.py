@@ -30,7 +30,6 @@ TEMP_PREFIX = ".tmp-"
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 POSITION_MODES = ("last", "all")
-META_FIELDS = ("prompt_id", "category", "split", "position", "token_id", "position_kind")
 STRING_FIELDS = ("prompt_id", "category", "split")
 
 BF16_ATTR = "encoding"

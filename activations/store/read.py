@@ -25,7 +25,7 @@ import numpy as np
 from activations.io import file_sha256
 from activations.records import CATEGORIES, SPLITS
 from activations.store.format import BF16_ATTR, STRING_FIELDS, RowMeta, decode_rows, layer_key, read_manifest
-from activations.store.shard_file import (  # noqa: F401 (open_shard, read_shard_meta: re-exported)
+from activations.store.shard_file import (
     COLUMN_BYTES,
     dataset_of,
     open_shard,
