@@ -121,24 +121,31 @@ def _capture_batch(
     )
 
 
+def batch_row_meta(batch: PromptBatch, positions: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Per-batch row metadata, prompt after prompt in row order of `_capture_batch`: `(rows per
+    prompt (b,), positions (n,), token ids (n,), position kinds (n,) or None)`; a few numpy calls per
+    batch, no Python loop over rows."""
+    lengths = np.asarray(batch.lengths, dtype=np.int64)
+    if positions == "last":
+        rows = np.ones(len(lengths), dtype=np.int64)
+        kinds = None if batch.kinds is None else np.array([k[-1] for k in batch.kinds], dtype=np.int8)
+        return rows, lengths - 1, batch.input_ids[:, -1].numpy(), kinds
+    # every real token, row-major (left padding: each prompt's tokens are the last `length` columns)
+    starts = np.cumsum(lengths) - lengths
+    where = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
+    token_ids = batch.input_ids[batch.attention_mask.bool()].numpy()
+    kinds = None if batch.kinds is None else np.concatenate(batch.kinds).astype(np.int8, copy=False)
+    return lengths, where, token_ids, kinds
+
+
 def _store_batch(writer: ShardWriter, batch: PromptBatch, rows: Mapping[int, torch.Tensor], positions: str) -> None:
-    """Split a batch's captured rows per prompt and hand them to the writer."""
+    """Hand a batch's captured rows to the writer in one call (whole prompts, back to back)."""
     # views, no copy: the writer's row blocks keep the (pinned) host tensors alive until their shard is written
     host = {layer: t.numpy() if t.dtype != torch.int16 else t.numpy().view(np.uint16) for layer, t in rows.items()}
-    seq = batch.input_ids.shape[1]
-    start = 0
-    for i, (record, n) in enumerate(zip(batch.records, batch.lengths)):
-        kinds = None if batch.kinds is None else batch.kinds[i]
-        if positions == "last":
-            where, count = np.array([n - 1]), 1
-            token_ids = batch.input_ids[i, -1:].numpy()
-            kinds = None if kinds is None else kinds[-1:]
-        else:
-            where, count = np.arange(n), n
-            token_ids = batch.input_ids[i, seq - n :].numpy()
-        acts = {layer: x[start : start + count] for layer, x in host.items()}
-        writer.add_prompt(record.id, record.category, record.split, where, token_ids, acts, position_kinds=kinds)
-        start += count
+    counts, where, token_ids, kinds = batch_row_meta(batch, positions)
+    records = batch.records
+    writer.add_prompts([r.id for r in records], [r.category for r in records], [r.split for r in records],
+                       counts, where, token_ids, host, position_kinds=kinds)
 
 
 def harvest(
@@ -218,7 +225,7 @@ def _run_batches(
     dtype: str, n_prompts: int, progress: bool,
 ) -> None:
     """Forward each batch and hand its rows to a writer thread, which waits for the batch's
-    device→host copy, splits the rows per prompt and buffers them (shards are written by the
+    device→host copy and buffers them as one block per batch (shards are written by the
     writer's own background threads). The forward loop never waits for the disk, a copy or a
     checksum unless the writer falls `DRAIN_AHEAD` batches behind."""
     on_cuda = adapter.device.type == "cuda"

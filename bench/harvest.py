@@ -7,11 +7,15 @@ For each layer l it times, in one process on the same length-bucketed batches (m
   harvest    `activations.harvest.harvest` end to end: tokenisation, truncated forward,
              device→host copies, shard writes with fsync and checksums, manifest.
 It reports harvest/full time against the target (l+1)/num_layers × 1.15, and harvest speed /
-truncated-forward speed (goal >= 0.85 on a GPU).
+truncated-forward speed (goal >= 0.85 on a GPU; truncated and harvest are timed in alternation and
+the ratio is the median of the pairs', so a drifting load on a shared machine hits both).
 
     python bench/harvest.py --smoke                         # seconds, CPU, tiny random model
     python bench/harvest.py --model embedded --device cpu   # SmolLM2-135M on the CPU
     python bench/harvest.py --model llama8b --device cuda   # Llama-3-8B-shaped random model, bf16
+    python bench/harvest.py --model narrow --threads 1 --positions all --rows-per-shard 1024 --breakdown
+                                                            # CPU proxy: 32 narrow blocks, a forward that is
+                                                            # mostly Python launching small ops (as on a GPU)
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ def synthetic_records(n: int, min_words: int, max_words: int) -> list[PromptReco
 
 
 def build_model(kind: str, device: str, tokenizer_path: str | None) -> tuple[torch.nn.Module, object, str]:
-    """(model, tokenizer, label) for `tiny`, `embedded` or `llama8b` (random weights, bf16 on a GPU)."""
+    """(model, tokenizer, label) for `tiny`, `narrow`, `embedded` or `llama8b` (random weights, bf16 on a GPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from activations.model_loading import load_embedded_tokenizer, load_model, prepare_tokenizer
@@ -66,6 +70,10 @@ def build_model(kind: str, device: str, tokenizer_path: str | None) -> tuple[tor
     if kind == "tiny":
         config = LlamaConfig(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
                              intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=1024)
+        dtype = torch.float32
+    elif kind == "narrow":  # many small blocks: the forward is interpreter-bound, like the 8B one on an H200
+        config = LlamaConfig(hidden_size=128, num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=256, vocab_size=len(tokenizer), max_position_embeddings=1024)
         dtype = torch.float32
     else:
         config = LlamaConfig(**LLAMA8B)
@@ -127,7 +135,7 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
     def harvest_run() -> None:
         out = scratch / f"layer{layer}"
         harvest(model, tokenizer, records, [layer], out, positions=args.positions, batch_size=args.batch_size,
-                max_length=args.max_length, dtype=args.dtype, progress=False)
+                max_length=args.max_length, dtype=args.dtype, progress=False, rows_per_shard=args.rows_per_shard)
 
     @torch.inference_mode()
     def max_difference() -> float:
@@ -144,8 +152,14 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
         return float((got - want).abs().max())
 
     t_full = median_time(full, device, args.repeats)
-    t_trunc = median_time(truncated, device, args.repeats)
-    t_harvest = median_time(harvest_run, device, args.repeats, prepare=clear)
+    # paired: each harvest is timed right after a truncated forward, so a load that drifts (a shared
+    # CPU) hits both; the ratio is the median of the pairs' ratios
+    truncated()
+    clear()
+    harvest_run()  # warm-ups
+    pairs = [(median_time(truncated, device, 1, warmup=0), median_time(harvest_run, device, 1, warmup=0, prepare=clear))
+             for _ in range(args.repeats)]
+    t_trunc, t_harvest = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
     target = (layer + 1) / adapter.num_layers * 1.15
     if args.positions == "last":
         print(f"layer {layer}: max |stored - output_hidden_states| on the first batch = {max_difference():.3g} "
@@ -155,7 +169,7 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
         "full_s": t_full, "trunc_s": t_trunc, "harvest_s": t_harvest,
         "harvest_prompts_s": len(records) / t_harvest, "harvest_tok_s": n_tokens / t_harvest,
         "full_prompts_s": len(records) / t_full, "full_tok_s": n_tokens / t_full,
-        "ratio_full": t_harvest / t_full, "target": target, "ratio_trunc": t_trunc / t_harvest,
+        "ratio_full": t_harvest / t_full, "target": target, "ratio_trunc": statistics.median(a / b for a, b in pairs),
     }
 
 
@@ -184,7 +198,7 @@ def breakdown(model, tokenizer, records, layer: int, args: argparse.Namespace, s
 
         def once() -> None:
             harvest(model, tokenizer, records, [layer], out, positions=args.positions, batch_size=args.batch_size,
-                    max_length=args.max_length, dtype=args.dtype, progress=False)
+                    max_length=args.max_length, dtype=args.dtype, progress=False, rows_per_shard=args.rows_per_shard)
         return median_time(once, device, args.repeats, prepare=lambda: shutil.rmtree(out, ignore_errors=True))
 
     run_batches, finish = harvest_module._run_batches, ShardWriter.finish
@@ -222,7 +236,8 @@ def profile_harvest(model, tokenizer, records, args: argparse.Namespace, scratch
 
     def run(out: Path) -> None:
         harvest(model, tokenizer, records, [args.layers[0]], out, positions=args.positions,
-                batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype, progress=False)
+                batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype, progress=False,
+                rows_per_shard=args.rows_per_shard)
 
     run(scratch / "warm")
     profiler = cProfile.Profile()
@@ -251,7 +266,7 @@ def print_table(label: str, device: str, args: argparse.Namespace, rows: list[di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tiny", "embedded", "llama8b"), default="embedded")
+    parser.add_argument("--model", choices=("tiny", "narrow", "embedded", "llama8b"), default="embedded")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="default: 9 18 (tiny: 1 4)")
     parser.add_argument("--prompts", type=int, default=None, help="number of prompts")
@@ -261,7 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--positions", choices=("last", "all"), default="last")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows-per-shard", type=int, default=None,
+                        help="rows per shard (default: the harvest's, about 64 MiB; a CPU proxy with a narrow model "
+                             "needs fewer to write as many shards per forward as the 8B harvest does)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the embedded one)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (a CPU proxy wants 1: more OpenMP threads than free cores stall "
+                             "whenever the harvest's own threads run)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--profile", action="store_true", help="first print a cProfile of one harvest")
     parser.add_argument("--breakdown", action="store_true",
@@ -274,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         args.words = (5, 30)
     args.layers = args.layers or ([1, 4] if args.model == "tiny" else [9, 18])
     args.prompts = args.prompts or (512 if args.device.startswith("cuda") else 64)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer, label = build_model(args.model, args.device, args.tokenizer)
     records = synthetic_records(args.prompts, *args.words)
     scratch = Path(tempfile.mkdtemp(prefix="bench-harvest-"))

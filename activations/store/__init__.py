@@ -1,4 +1,4 @@
-"""Activation shard store, schema version 2 (HDF5 shards + JSON manifest; see docs/shards.md).
+"""Activation shard store, schema version 3 (HDF5 shards + JSON manifest; see docs/shards.md).
 
 The public names live here; the format helpers, the writer and the reader sit in
 `format.py` (constants, RowMeta, codecs), `commit.py` (atomic shard commit), `write.py`

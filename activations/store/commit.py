@@ -23,6 +23,7 @@ from activations.store.format import (
     BF16_ATTR,
     BF16_ENCODING,
     MANIFEST_NAME,
+    PROMPT_TABLE,
     SCHEMA_VERSION,
     SHARD_PATTERN,
     TEMP_PREFIX,
@@ -30,9 +31,6 @@ from activations.store.format import (
     prompt_ids_digest,
 )
 
-
-STRING_SLICE = 1024
-"""Rows of a string column per h5py write (each holds the GIL; a harvest's forward loop needs it)."""
 
 IOV_BATCH = 512
 """Row blocks handed to one `os.pwritev` call (below the kernel's IOV_MAX of 1024)."""
@@ -82,16 +80,18 @@ def shard_sha256(fd: int, size: int, spans: list[tuple[int, list[np.ndarray]]]) 
 
 
 def write_shard_file(path: Path, columns: Mapping[str, Any], layers: list[int], dtype: str) -> str:
-    """Write one shard: `layer_<l>` (n, d_model) in the storage representation plus the row metadata;
-    returns the file's sha256.
+    """Write one shard: `layer_<l>` (n, d_model) in the storage representation, the per-row
+    `prompt_index`, `position`, `token_id`, `position_kind` and the prompt table (group `prompts`:
+    `prompt_id`, `category`, `split`, one entry per prompt); returns the file's sha256.
 
-    `columns[layer_<l>]` is an `(n, d_model)` array or a list of row blocks (one per prompt, never
-    concatenated). Datasets are contiguous and uncompressed (fastest to read; see docs/shards.md):
-    h5py lays the file out (the layer datasets allocated, not filled) and writes the metadata, then
-    the activation bytes go straight to their offsets with `os.pwritev`, which releases the GIL, so a
-    harvest's forward passes keep running meanwhile. The checksum is computed from the same bytes in
-    memory while they are written and fsynced (no read-back of the activations, and the hashing
-    overlaps the disk). The file is fsynced before returning.
+    `columns` is what `prompt_rows.shard_columns` makes; `columns[layer_<l>]` is an `(n, d_model)`
+    array or a list of row blocks (one per batch, never concatenated). Datasets are contiguous and
+    uncompressed (fastest to read; see docs/shards.md): h5py lays the file out (the layer datasets
+    allocated, not filled) and writes the metadata (integer arrays and a few strings per prompt:
+    nothing per row that holds the GIL long), then the activation bytes go straight to their offsets
+    with `os.pwritev`, which releases the GIL, so a harvest's forward passes keep running meanwhile.
+    The checksum is computed from the same bytes in memory while they are written and fsynced (no
+    read-back of the activations, and the hashing overlaps the disk). The file is fsynced before returning.
     """
     strings = h5py.string_dtype(encoding="utf-8")
     blocks = {}
@@ -115,14 +115,13 @@ def write_shard_file(path: Path, columns: Mapping[str, Any], layers: list[int], 
             if dtype == "bfloat16":
                 ds.attrs[BF16_ATTR] = BF16_ENCODING
             offsets[layer] = int(dsid.get_offset())
-        for name in ("prompt_id", "category", "split"):  # in slices: the GIL is released between them
-            values = columns[name].astype(object)
-            ds = f.create_dataset(name, shape=(len(values),), dtype=strings)
-            for start in range(0, len(values), STRING_SLICE):
-                ds[start : start + STRING_SLICE] = values[start : start + STRING_SLICE]
-        f.create_dataset("position", data=columns["position"].astype(np.int32))
-        f.create_dataset("token_id", data=columns["token_id"].astype(np.int32))
-        f.create_dataset("position_kind", data=columns["position_kind"].astype(np.int8))
+        table = f.create_group(PROMPT_TABLE)
+        for name in ("prompt_id", "category", "split"):  # one string per prompt, not per row
+            table.create_dataset(name, data=np.asarray(columns[name], dtype=object), dtype=strings)
+        f.create_dataset("prompt_index", data=np.asarray(columns["prompt_index"], dtype=np.int32))
+        f.create_dataset("position", data=np.asarray(columns["position"], dtype=np.int32))
+        f.create_dataset("token_id", data=np.asarray(columns["token_id"], dtype=np.int32))
+        f.create_dataset("position_kind", data=np.asarray(columns["position_kind"], dtype=np.int8))
     spans = sorted(((offsets[layer], blocks[layer]) for layer in layers), key=lambda span: span[0])
     with open(path, "rb+") as handle:
         fd = handle.fileno()
@@ -151,13 +150,6 @@ def write_shard_file(path: Path, columns: Mapping[str, Any], layers: list[int], 
     return sha256
 
 
-def concat_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Per-prompt column dicts → one column dict (row order kept); the activation columns stay
-    lists of per-prompt blocks (`write_shard_file` writes them without concatenating)."""
-    return {name: [row[name] for row in rows] if name.startswith("layer_") else np.concatenate([row[name] for row in rows])
-            for name in rows[0]}
-
-
 @dataclass
 class PreparedShard:
     """A shard fully written, fsynced and checksummed under its temp name, not yet visible."""
@@ -165,15 +157,15 @@ class PreparedShard:
     temp: Path
     final: Path
     entry: dict[str, Any]
-    categories: list[str]
-    splits: list[str]
+    rows_per_category: Counter[str]
+    rows_per_split: Counter[str]
 
 
 def write_temp_shard(
     directory: Path, index: int, columns: Mapping[str, np.ndarray], layers: list[int], dtype: str
 ) -> PreparedShard:
     """Write shard number `index` under a temp name in `directory`, fsync it and compute its sha256
-    (while writing: `write_shard_file`)."""
+    (while writing: `write_shard_file`). `columns`: `prompt_rows.shard_columns`."""
     name = SHARD_PATTERN.format(index=index)
     final, temp = directory / name, directory / f"{TEMP_PREFIX}{name}"
     try:
@@ -181,14 +173,20 @@ def write_temp_shard(
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    counts = [int(k) for k in columns["prompt_rows"]]
     entry = {
         "file": name,
-        "rows": len(columns["prompt_id"]),
+        "rows": len(columns["prompt_index"]),
         "bytes": temp.stat().st_size,
         "sha256": sha256,
-        "prompt_ids_sha256": prompt_ids_digest(columns["prompt_id"]),
+        "prompt_ids_sha256": prompt_ids_digest(columns["prompt_id"], counts),
     }
-    return PreparedShard(temp, final, entry, columns["category"].tolist(), columns["split"].tolist())
+    by_category: Counter[str] = Counter()
+    by_split: Counter[str] = Counter()
+    for category, split, k in zip(columns["category"], columns["split"], counts):
+        by_category[str(category)] += k
+        by_split[str(split)] += k
+    return PreparedShard(temp, final, entry, by_category, by_split)
 
 
 def publish_shard(directory: Path, manifest: dict[str, Any], shard: PreparedShard) -> None:
@@ -204,9 +202,9 @@ def publish_shard(directory: Path, manifest: dict[str, Any], shard: PreparedShar
     fsync_dir(directory)
     manifest["shards"].append(shard.entry)
     manifest["total_rows"] = int(manifest["total_rows"]) + shard.entry["rows"]
-    for key, values in (("rows_per_split", shard.splits), ("rows_per_category", shard.categories)):
+    for key, added in (("rows_per_split", shard.rows_per_split), ("rows_per_category", shard.rows_per_category)):
         counts = Counter(manifest[key])
-        counts.update(values)
+        counts.update(added)
         manifest[key] = dict(sorted(counts.items()))
     manifest["complete"] = False
     write_json(directory / MANIFEST_NAME, manifest)

@@ -1,4 +1,4 @@
-"""Shared pieces of the activation shard format (schema version 2, see docs/shards.md).
+"""Shared pieces of the activation shard format (schema version 3, see docs/shards.md).
 
 Holds the constants, the row metadata value object, the storage-dtype codecs (bfloat16 is stored
 as its raw uint16 bits) and the atomic JSON / checksum helpers used by the writer and the reader.
@@ -14,11 +14,15 @@ import numpy as np
 
 from activations.io import read_json
 
-SCHEMA_VERSION = 2
-"""Written by `ShardWriter`. Version 2 added the per-row `position_kind` column."""
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+"""Written by `ShardWriter`. Version 2 added the per-row `position_kind` column; version 3 keeps
+prompt id, category and split once per prompt (the shard's prompt table, group `prompts`) and a
+per-row `prompt_index` into it, instead of one string per row."""
+READABLE_VERSIONS = (1, 2, 3)
 """Versions the reader opens; version-1 rows read with position kind UNKNOWN (-1), except the
 last row of each prompt, which is always the response-start position."""
+PROMPT_TABLE = "prompts"
+"""HDF5 group of a version-3 shard holding one entry per prompt: `prompt_id`, `category`, `split`."""
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{index:05d}.h5"
 TEMP_PREFIX = ".tmp-"
@@ -26,7 +30,6 @@ TEMP_PREFIX = ".tmp-"
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 POSITION_MODES = ("last", "all")
-META_FIELDS = ("prompt_id", "category", "split", "position", "token_id", "position_kind")
 STRING_FIELDS = ("prompt_id", "category", "split")
 
 BF16_ATTR = "encoding"
@@ -123,9 +126,19 @@ class RowMeta:
                        position_kind=np.empty(0, np.int8))
 
 
-def prompt_ids_digest(prompt_ids: np.ndarray | list[str]) -> str:
-    """sha256 of the per-row prompt ids joined by newlines (row order)."""
-    return hashlib.sha256("\n".join(str(p) for p in prompt_ids).encode("utf-8")).hexdigest()
+def prompt_ids_digest(prompt_ids: np.ndarray | list[str], rows: np.ndarray | list[int] | None = None) -> str:
+    """sha256 of the per-row prompt ids joined by newlines (row order).
+
+    With `rows`, `prompt_ids` holds each prompt once and `rows[i]` is how many consecutive rows
+    prompt i has (the same digest, with no Python string per row)."""
+    if rows is None:
+        return hashlib.sha256("\n".join(str(p) for p in prompt_ids).encode("utf-8")).hexdigest()
+    digest = hashlib.sha256()
+    pieces = [(str(p) + "\n") * int(k) for p, k in zip(prompt_ids, rows)]
+    if pieces:
+        pieces[-1] = pieces[-1][:-1]  # no newline after the last row
+    digest.update("".join(pieces).encode("utf-8"))
+    return digest.hexdigest()
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Read an activation shard store (schema versions 1 and 2, see docs/shards.md).
+"""Read an activation shard store (schema versions 1, 2 and 3, see docs/shards.md).
 
 `ActivationStore(dir)` checks the manifest against the files (existence and byte size always), then
 serves float32 activation rows of one layer, optionally filtered by split and category, either all
@@ -23,21 +23,16 @@ import h5py
 import numpy as np
 
 from activations.io import file_sha256
-from activations.positions import RESPONSE_START, UNKNOWN
 from activations.records import CATEGORIES, SPLITS
-from activations.store.format import (
-    BF16_ATTR,
-    META_FIELDS,
-    STRING_FIELDS,
-    RowMeta,
-    decode_rows,
-    layer_key,
-    read_manifest,
+from activations.store.format import BF16_ATTR, STRING_FIELDS, RowMeta, decode_rows, layer_key, read_manifest
+from activations.store.shard_file import (
+    COLUMN_BYTES,
+    dataset_of,
+    open_shard,
+    read_shard_meta,
+    string_column,
 )
 
-
-COLUMN_BYTES = np.dtype("S64")
-"""Fixed width of category / split values read by `ActivationStore.column` (the vocabulary is shorter)."""
 
 _VERIFIED: set[tuple[str, int, int, int, str]] = set()
 """Shards whose sha256 this process has checked: (real path, size, mtime_ns, inode, expected sha256)."""
@@ -78,48 +73,6 @@ def forget_verified() -> None:
     """Forget which shards this process has verified (benchmarks and tests)."""
     with _VERIFIED_LOCK:
         _VERIFIED.clear()
-
-
-def open_shard(path: Path) -> h5py.File:
-    """Open a shard read-only; an unreadable HDF5 file becomes a ValueError naming it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"activation shard missing: {path}")
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        raise ValueError(f"activation shard {path} is corrupt or truncated ({exc})") from None
-
-
-def _derived_kinds(prompt_id: np.ndarray) -> np.ndarray:
-    """Kinds of a schema-1 shard: unknown, except each prompt's last row (the response start)."""
-    kinds = np.full(len(prompt_id), UNKNOWN, dtype=np.int8)
-    if len(prompt_id):
-        last = np.append(prompt_id[1:] != prompt_id[:-1], True)  # a prompt's rows are contiguous
-        kinds[last] = RESPONSE_START
-    return kinds
-
-
-def read_shard_meta(path: Path, expected_rows: int | None = None) -> RowMeta:
-    """All row metadata of one shard; checks every column has `expected_rows` rows.
-
-    A schema-1 shard has no `position_kind` column: its kinds are derived (`_derived_kinds`).
-    """
-    with open_shard(path) as f:
-        columns: dict[str, np.ndarray] = {}
-        for name in META_FIELDS:
-            if name == "position_kind" and name not in f and int(f.attrs.get("schema_version", 1)) == 1:
-                columns[name] = _derived_kinds(columns["prompt_id"])
-                continue
-            if name not in f:
-                raise ValueError(f"activation shard {path} lacks the dataset {name!r}")
-            ds = f[name]
-            columns[name] = np.asarray(ds.asstr()[...], dtype=object) if name in STRING_FIELDS else ds[...]
-            if expected_rows is not None and len(columns[name]) != expected_rows:
-                raise ValueError(
-                    f"activation shard {path} has {len(columns[name])} rows in {name!r}; "
-                    f"the manifest says {expected_rows}"
-                )
-    return RowMeta(**columns)
 
 
 def _as_tuple(value: str | Sequence[str] | None, allowed: Sequence[str], what: str) -> tuple[str, ...] | None:
@@ -230,10 +183,8 @@ class ActivationStore:
             entry = self._shards[index]
             path = self.directory / entry["file"]
             with open_shard(path) as f:
-                if name not in f:
-                    raise ValueError(f"activation shard {path} lacks the dataset {name!r}")
-                ds = f[name]
-                values = ds.astype(COLUMN_BYTES)[...] if name in STRING_FIELDS else ds[...]
+                values = (string_column(f, path, name, as_bytes=True) if name in STRING_FIELDS
+                          else dataset_of(f, path, name)[...])
             if len(values) != entry["rows"]:
                 raise ValueError(f"activation shard {path} has {len(values)} rows in {name!r}; the manifest says {entry['rows']}")
             self._column_cache[key] = values

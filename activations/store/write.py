@@ -1,4 +1,4 @@
-"""Write an activation shard store (schema version 2, see docs/shards.md), crash-safely and resumably.
+"""Write an activation shard store (schema version 3, see docs/shards.md), crash-safely and resumably.
 
 `ShardWriter` buffers whole prompts and writes a shard once `rows_per_shard` rows are buffered:
 the shard goes to a temp file in the same folder, is fsynced and `os.replace`d into place, and only
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Mapping
 from collections import deque
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +25,7 @@ import numpy as np
 from activations.model_identity import comparable
 from activations.positions import CONTENT, POSITION_KINDS, RESPONSE_START
 from activations.records import CATEGORIES, SPLITS
-from activations.store.commit import concat_rows, publish_shard, write_temp_shard
+from activations.store.commit import publish_shard, write_temp_shard
 from activations.io import write_json
 from activations.store.format import (
     MANIFEST_NAME,
@@ -34,10 +34,10 @@ from activations.store.format import (
     STORAGE_DTYPES,
     TEMP_PREFIX,
     encode_rows,
-    layer_key,
     read_manifest,
 )
-from activations.store.read import read_shard_meta
+from activations.store.prompt_rows import PromptRows, shard_columns, split_at_shard_ends
+from activations.store.shard_file import read_shard_prompt_ids
 
 IDENTITY_KEYS = (
     "schema_version",
@@ -130,7 +130,7 @@ class ShardWriter:
             "split_hashes": dict(prompt_info.get("split_hashes", {})),
         }
         self.identity = json.loads(json.dumps(self.identity))  # compare like the JSON it is saved as
-        self._buffer: list[dict[str, np.ndarray]] = []
+        self._buffer: list[PromptRows] = []
         self._buffer_ids: set[str] = set()
         self._buffer_rows = 0
         self._pool = ThreadPoolExecutor(BACKGROUND_SHARDS, thread_name_prefix="shard-writer") if background else None
@@ -189,7 +189,7 @@ class ShardWriter:
                 raise FileNotFoundError(f"activation shard missing: {path} (listed in {MANIFEST_NAME})")
             if path.stat().st_size != entry["bytes"]:
                 raise ValueError(f"activation shard {path} is {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
-            ids.update(read_shard_meta(path, entry["rows"]).prompt_id.tolist())
+            ids.update(read_shard_prompt_ids(path, entry["rows"]))
         return ids
 
     # ---- adding rows -------------------------------------------------------------------------
@@ -213,48 +213,75 @@ class ShardWriter:
                 user content except the prompt's last row, the response start (what a prompt without
                 a chat template is).
         """
-        if prompt_id in self._seen_ids:
-            raise ValueError(f"prompt {prompt_id!r} is already in the store {self.directory}")
-        if category not in CATEGORIES:
-            raise ValueError(f"prompt {prompt_id!r} has unknown category {category!r}")
-        if split not in SPLITS and split != "":
-            raise ValueError(f"prompt {prompt_id!r} has unknown split {split!r}")
+        k = int(np.asarray(positions).size)
+        self.add_prompts([prompt_id], [category], [split], [k], positions, token_ids, activations, position_kinds)
+
+    def add_prompts(
+        self,
+        prompt_ids: Sequence[str],
+        categories: Sequence[str],
+        splits: Sequence[str],
+        rows: Sequence[int] | np.ndarray,
+        positions: np.ndarray,
+        token_ids: np.ndarray,
+        activations: Mapping[int, np.ndarray],
+        position_kinds: np.ndarray | None = None,
+    ) -> None:
+        """Buffer the rows of several whole prompts at once (a harvest batch): the same as `add_prompt`
+        for each in turn (shards end after the same prompts), with per-batch arrays instead of
+        per-prompt ones; the activation arrays are kept as they are (views) until their shard is written.
+
+        Args:
+            prompt_ids, categories, splits: one per prompt (p of each).
+            rows: `(p,)` rows of each prompt; the rows below hold prompt after prompt, `n = sum(rows)`.
+            positions, token_ids: `(n,)`; activations: layer → `(n, d_model)`; position_kinds: `(n,)`
+                codes, or None (each prompt's rows are content except its last, the response start).
+        """
+        ids, cats, spl = [str(i) for i in prompt_ids], list(categories), list(splits)
+        counts = np.asarray(rows, dtype=np.int64).reshape(-1)
+        p = len(ids)
+        if p == 0 or not len(cats) == len(spl) == len(counts) == p:
+            raise ValueError(f"add_prompts needs one category, split and row count per prompt; got {p} ids, "
+                             f"{len(cats)} categories, {len(spl)} splits, {len(counts)} row counts")
+        label = f"prompt {ids[0]!r}" if p == 1 else f"prompts {ids[0]!r}..{ids[-1]!r}"
+        for prompt_id, category, split in zip(ids, cats, spl):
+            if prompt_id in self._seen_ids:
+                raise ValueError(f"prompt {prompt_id!r} is already in the store {self.directory}")
+            if category not in CATEGORIES:
+                raise ValueError(f"prompt {prompt_id!r} has unknown category {category!r}")
+            if split not in SPLITS and split != "":
+                raise ValueError(f"prompt {prompt_id!r} has unknown split {split!r}")
+        if len(set(ids)) != p:
+            raise ValueError(f"{label}: a prompt id occurs twice in one call")
         positions = np.asarray(positions, dtype=np.int32).reshape(-1)
         token_ids = np.asarray(token_ids, dtype=np.int32).reshape(-1)
-        k = len(positions)
-        if k == 0 or len(token_ids) != k or (self.positions == "last" and k != 1):
-            raise ValueError(
-                f"prompt {prompt_id!r}: got {k} positions and {len(token_ids)} token ids "
-                f"(positions mode {self.positions!r})"
-            )
+        n = len(positions)
+        if counts.min() < 1 or n != counts.sum() or len(token_ids) != n or (self.positions == "last" and counts.max() != 1):
+            raise ValueError(f"{label}: got {n} positions and {len(token_ids)} token ids for rows {counts.tolist()[:8]} "
+                             f"(positions mode {self.positions!r})")
         if position_kinds is None:
-            kinds = np.full(k, CONTENT, dtype=np.int8)
-            kinds[-1] = RESPONSE_START
+            kinds = np.full(n, CONTENT, dtype=np.int8)
+            kinds[np.cumsum(counts) - 1] = RESPONSE_START
         else:
             kinds = np.asarray(position_kinds, dtype=np.int8).reshape(-1)
-            if len(kinds) != k or kinds.min() < 0 or kinds.max() >= len(POSITION_KINDS):
-                raise ValueError(f"prompt {prompt_id!r}: position_kinds must be {k} codes in [0, {len(POSITION_KINDS)})")
-        row = {
-            "prompt_id": np.full(k, prompt_id, dtype=object),
-            "category": np.full(k, category, dtype=object),
-            "split": np.full(k, split, dtype=object),
-            "position": positions,
-            "token_id": token_ids,
-            "position_kind": kinds,
-        }
+            if len(kinds) != n or kinds.min() < 0 or kinds.max() >= len(POSITION_KINDS):
+                raise ValueError(f"{label}: position_kinds must be {n} codes in [0, {len(POSITION_KINDS)})")
+        blocks = {}
         for layer in self.layers:
             if layer not in activations:
-                raise ValueError(f"prompt {prompt_id!r}: activations lack layer {layer}")
+                raise ValueError(f"{label}: activations lack layer {layer}")
             x = np.asarray(activations[layer])
-            if x.shape != (k, self.d_model):
-                raise ValueError(f"prompt {prompt_id!r}: layer {layer} activations have shape {x.shape}, expected {(k, self.d_model)}")
-            row[layer_key(layer)] = encode_rows(x, self.dtype)
-        self._buffer.append(row)
-        self._buffer_ids.add(prompt_id)
-        self._seen_ids.add(prompt_id)
-        self._buffer_rows += k
-        if self._buffer_rows >= self.rows_per_shard:
-            self.flush()
+            if x.shape != (n, self.d_model):
+                raise ValueError(f"{label}: layer {layer} activations have shape {x.shape}, expected {(n, self.d_model)}")
+            blocks[layer] = encode_rows(x, self.dtype)
+        self._seen_ids.update(ids)
+        run = PromptRows(ids, cats, spl, counts, positions, token_ids, kinds, blocks)
+        for piece in split_at_shard_ends(run, self._buffer_rows, self.rows_per_shard):
+            self._buffer.append(piece)
+            self._buffer_ids.update(piece.prompt_ids)
+            self._buffer_rows += piece.n_rows
+            if self._buffer_rows >= self.rows_per_shard:
+                self.flush()
 
     # ---- writing -----------------------------------------------------------------------------
     def flush(self) -> None:
@@ -276,9 +303,9 @@ class ShardWriter:
         previous = self._in_flight[-1] if self._in_flight else None
         self._in_flight.append(self._pool.submit(self._commit, index, rows, ids, previous))
 
-    def _commit(self, index: int, rows: list[dict[str, np.ndarray]], ids: set[str], previous: Future[None] | None) -> None:
+    def _commit(self, index: int, rows: list[PromptRows], ids: set[str], previous: Future[None] | None) -> None:
         """Write shard `index`; publish it once the shard before it is published."""
-        shard = write_temp_shard(self.directory, index, concat_rows(rows), self.layers, self.dtype)
+        shard = write_temp_shard(self.directory, index, shard_columns(rows, self.layers), self.layers, self.dtype)
         try:
             if previous is not None:
                 previous.result()  # an earlier shard failed: this one must not be listed either

@@ -2,24 +2,22 @@
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from activations.harvest import harvest
-from activations.io import file_sha256
 from activations.positions import (
     CONTENT, PREFIX, RESPONSE_START, SUFFIX, UNKNOWN, encode_with_kinds, kind_names, position_kinds, template_affixes,
 )
 from activations.records import PromptRecord
-from activations.store import ActivationStore
+from activations.store import SCHEMA_VERSION, ActivationStore
 from activations.tokenize import encode_prompts
 from sae.config import DataConfig
 from sae.rows import training_rows
+from tests.helpers.legacy_store import downgrade
 
 TEXTS = ["How do I bake bread?", "Tell me a story about a dragon who learns to fly over the sea.", "Hi"]
 
@@ -69,7 +67,7 @@ def test_spans_come_from_the_template_not_from_fixed_strings(embedded_tokenizer)
 
 def test_harvest_records_kinds_prefix_rows_are_identical_and_excluded(all_store: Path) -> None:
     store = ActivationStore(all_store)
-    assert store.schema_version == 2
+    assert store.schema_version == SCHEMA_VERSION == 3
     x, meta = store.load(3)
     prefix = meta.position_kind == PREFIX
     assert prefix.any()
@@ -89,24 +87,10 @@ def test_harvest_records_kinds_prefix_rows_are_identical_and_excluded(all_store:
     assert selection.removed["position_kind"] == int(prefix.sum())
 
 
-def _as_schema_1(folder: Path) -> None:
-    """Turn a schema-2 store into what a schema-1 writer left (no position_kind column)."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["schema_version"] = 1
-    for entry in manifest["shards"]:
-        path = folder / entry["file"]
-        with h5py.File(path, "a") as f:
-            del f["position_kind"]
-            f.attrs["schema_version"] = 1
-        entry["bytes"] = path.stat().st_size
-        entry["sha256"] = file_sha256(path)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-
-
 def test_schema_1_store_reads_with_unknown_kinds_and_refuses_kind_selection(all_store: Path, tmp_path: Path) -> None:
     old = tmp_path / "old"
     shutil.copytree(all_store, old)
-    _as_schema_1(old)
+    downgrade(old, 1)  # what a schema-1 writer left: per-row strings, no position_kind
     store = ActivationStore(old)
     meta = store.meta()
     assert store.schema_version == 1

@@ -98,7 +98,7 @@ def test_all_tokens_keeps_each_prompt_in_one_shard(tmp_path: Path, background: b
     owners: dict[str, set[str]] = {}
     for entry in store.manifest["shards"]:
         with h5py.File(tmp_path / entry["file"], "r") as f:
-            for pid in f["prompt_id"].asstr()[...]:
+            for pid in f["prompts/prompt_id"].asstr()[...]:  # the shard's prompt table (schema 3)
                 owners.setdefault(pid, set()).add(entry["file"])
     assert all(len(files) == 1 for files in owners.values()) and len(owners) == 12
     assert meta.position.tolist() == [int(i) for p in prompts for i in p["positions"]]
@@ -134,8 +134,8 @@ def test_shard_checksum_computed_while_writing_equals_the_files(tmp_path: Path, 
     rng = np.random.default_rng(3)
     blocks = {l: [encode_rows(rng.standard_normal((k, 64)).astype(np.float32), dtype) for k in (5, 1, 9)] for l in LAYERS}
     n = 15
-    columns = {"prompt_id": np.repeat(np.array(["a", "b", "c"], dtype=object), [5, 1, 9]),
-               "category": np.full(n, "benign", dtype=object), "split": np.full(n, "extract", dtype=object),
+    columns = {"prompt_id": np.array(["a", "b", "c"], dtype=object), "category": np.full(3, "benign", dtype=object),
+               "split": np.full(3, "extract", dtype=object), "prompt_index": np.repeat(np.arange(3), [5, 1, 9]),
                "position": np.arange(n), "token_id": np.arange(n), "position_kind": np.ones(n, dtype=np.int8), **{f"layer_{l}": blocks[l] for l in LAYERS}}
     sha = store_commit.write_shard_file(tmp_path / "s.h5", columns, LAYERS, dtype)
     assert sha == file_sha256(tmp_path / "s.h5")
