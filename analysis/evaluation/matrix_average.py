@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from activations.records import BENIGN, CATEGORIES, CONTRAST, REFUSAL_CATEGORIES
 from activations.stats import run_average, seed_average
-from analysis.evaluation.ablation_matrix import refused
+from analysis.evaluation.ablation_matrix import category_masks, refused
 
 
 def ablation_rows(records: Sequence[Any], baseline: Sequence[Any], conditions: Mapping[Any, Mapping[str, Sequence[Any]]],
@@ -41,14 +40,6 @@ def ablation_rows(records: Sequence[Any], baseline: Sequence[Any], conditions: M
                                for row, found in rows.items()}
     return {"prompt_ids": [r.id for r in records], "categories": [r.category for r in records],
             "baseline": bits(baseline), "per_seed": per_seed}
-
-
-def _targets(categories: Sequence[str]) -> dict[str, np.ndarray]:
-    cats = np.asarray(categories)
-    masks = {c: cats == c for c in CATEGORIES if (cats == c).any()}
-    masks["over_refusal"] = np.isin(cats, [BENIGN, CONTRAST])
-    masks["harmful_refusal"] = np.isin(cats, list(REFUSAL_CATEGORIES))
-    return {k: v for k, v in masks.items() if v.any()}
 
 
 def _pairs(run: Mapping[str, Any], row: str) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -78,7 +69,7 @@ def average_matrices(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, d
         pairs = [_pairs(r, row) for r in runs]
         with_controls = all(v is not None for per in pairs for _, v in per)
         out[row] = {}
-        every = [_targets(r["categories"]) for r in runs]
+        every = [category_masks(r["categories"]) for r in runs]
         for target in [t for t in every[0] if all(t in m for m in every)]:
             masks = [m[target] for m in every]
             cell: dict[str, Any] = {"n_pairs": sum(len(p) for p in pairs)}
