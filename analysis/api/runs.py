@@ -117,14 +117,14 @@ class Run:
             raise ValueError(f"no vector {name!r} in {which}; available: {', '.join(found)}")
         return found[name]
 
-    def gate(self, name: str = "distance") -> Any:
+    def gate(self, name: str = "distance", seed: int | None = None) -> Any:
         """A tuned gate: "distance" (decides on residual states at the primary layer) or "probe"
-        (on the reference seed's SAE latents)."""
+        (on the reference seed's SAE latents; with `seed`, SAE seed `seed`'s own probe gate)."""
         from analysis.api.decisions import load_gate
         from analysis.stages import gates
 
         self._stage(gates.NAME)
-        path = gates.gate_path(self._ctx(), name)
+        path = gates.gate_path(self._ctx(), name, seed)
         if not path.is_file():
             raise FileNotFoundError(f"run {self.path} has no {name} gate ({path.name})")
         return load_gate(path)

@@ -45,7 +45,12 @@ DEAD_LOG_DENSITY = -9.0
 def target_masks(records: Sequence[PromptRecord]) -> dict[str, np.ndarray]:
     """The matrix's columns: `{target: (n,) bool}` for each category present (in `CATEGORIES` order),
     `over_refusal` (benign + contrast) and `harmful_refusal` (the refusal categories), when non-empty."""
-    cats = np.array([r.category for r in records])
+    return category_masks([r.category for r in records])
+
+
+def category_masks(categories: Sequence[str]) -> dict[str, np.ndarray]:
+    """`target_masks` from the prompts' categories alone."""
+    cats = np.asarray(categories)
     masks = {c: cats == c for c in CATEGORIES if (cats == c).any()}
     masks["over_refusal"] = np.isin(cats, [BENIGN, CONTRAST])
     masks["harmful_refusal"] = np.isin(cats, list(REFUSAL_CATEGORIES))

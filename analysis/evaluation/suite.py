@@ -9,6 +9,9 @@ condition, the hook point every evaluation in this package takes:
   baseline               None (no intervention)
   steer_toward / _away   +/- alpha * v_global on every row
   steer_lowrank          +alpha * the low-rank combined vector (when the run has one)
+  steer_sae (any name in `steering`)
+                         +alpha * that vector on every row (e.g. the reference SAE seed's pooled
+                         SAE-space vector)
   conditional_<gate>     each row steered by its gate's decision (`plan_from_decisions`)
   ablate (and any other named intervention context, e.g. a random-feature control)
                          the suite's `interventions`, applied to every row
@@ -72,7 +75,8 @@ class ConditionSuite:
 
     `vectors`: category name -> (d_model,) float32, including "global"; `gates`: condition name ->
     `GateFn`; `interventions`: condition name -> `make_context` applied to every row (e.g. "ablate":
-    the selected SAE features zeroed). `chat_template` is the harvest's, used when residuals are
+    the selected SAE features zeroed); `steering`: condition name -> (d_model,) float32 vector steered
+    with +alpha on every row (e.g. "steer_sae"). `chat_template` is the harvest's, used when residuals are
     computed here. `labels`: condition name -> what its progress bar says (default: the name).
     """
 
@@ -84,6 +88,7 @@ class ConditionSuite:
     interventions: dict[str, MakeContext] = field(default_factory=dict)
     chat_template: bool = True
     labels: dict[str, str] = field(default_factory=dict)
+    steering: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if "global" not in self.vectors:
@@ -94,7 +99,7 @@ class ConditionSuite:
         """Condition names in report order."""
         names = ["baseline", "steer_toward", "steer_away"]
         names += ["steer_lowrank"] if self.lowrank is not None else []
-        return names + list(self.gates) + list(self.interventions)
+        return names + list(self.steering) + list(self.gates) + list(self.interventions)
 
     def row_inputs(self, texts: Sequence[str], features: np.ndarray | None = None,
                    logits: torch.Tensor | None = None) -> RowInputs:
@@ -130,6 +135,7 @@ class ConditionSuite:
                  "steer_away": Plan.uniform(self.vectors["global"], -self.alpha, n)}
         if self.lowrank is not None:
             plans["steer_lowrank"] = Plan.uniform(self.lowrank, self.alpha, n)
+        plans.update({name: Plan.uniform(vector, self.alpha, n) for name, vector in self.steering.items()})
         decisions = {name: decide(inputs) for name, decide in self.gates.items()}
         for name, found in decisions.items():
             plans[name] = plan_from_decisions(found, self.vectors, self.setup.adapter.d_model)
@@ -154,22 +160,28 @@ def refusal_under_conditions(suite: ConditionSuite, records: Sequence[PromptReco
     results = {"baseline": baseline}
     for name in suite.names[1:]:
         if name in decisions:  # a row its gate leaves alone is the baseline run: only steered rows run
-            active = np.flatnonzero(plans[name].alphas != 0)
-            found = list(baseline)
-            if active.size:
-                steered = run_refusal(suite.setup, [records[i] for i in active],
-                                      Plan(plans[name].vectors[active], plans[name].alphas[active]), progress=progress,
-                                      desc=f"condition {name} ({active.size} of {len(records)} steered)")
-                for i, r in zip(active, steered):
-                    found[i] = r
-            results[name] = found
-            continue
-        if name in suite.interventions:
+            results[name] = gated_refusal(suite.setup, records, plans[name], baseline, name, progress)
+        elif name in suite.interventions:
             results[name] = run_refusal(suite.setup, records, context=suite.interventions[name], progress=progress,
                                         desc=f"condition {suite.labels.get(name, name)}")
         else:
-            results[name] = run_refusal(suite.setup, records, plans[name], progress=progress, desc=f"condition {name}")
+            results[name] = run_refusal(suite.setup, records, plans[name], progress=progress,
+                                        desc=f"condition {suite.labels.get(name, name)}")
     return results, decisions
+
+
+def gated_refusal(setup: EvalSetup, records: Sequence[PromptRecord], plan: Plan, baseline: Sequence[RefusalResult],
+                  name: str, progress: bool = True) -> list[RefusalResult]:
+    """Refusal under a gate's per-row `plan`: rows it leaves unsteered (alpha 0) keep their `baseline`
+    result; only the steered rows run, in their order (the same batches for the same prompts)."""
+    active = np.flatnonzero(plan.alphas != 0)
+    found = list(baseline)
+    if active.size:
+        steered = run_refusal(setup, [records[i] for i in active], Plan(plan.vectors[active], plan.alphas[active]),
+                              progress=progress, desc=f"condition {name} ({active.size} of {len(records)} steered)")
+        for i, r in zip(active, steered):
+            found[i] = r
+    return found
 
 
 def strength_sweep(suite: ConditionSuite, records: Sequence[PromptRecord], alphas: Sequence[float],

@@ -106,7 +106,10 @@ def build_summary(ctx: RunContext, timings: dict[str, float], wall_seconds: floa
         "gates": {"distance": {**{k: tuning["distance"][k] for k in ("baseline", "chosen", "chosen_is_noop", "frontier")},
                                "scores": {"calibrate": tuning["distance_scores"]["calibrate"],
                                           "eval": results["distance_scores"]},
-                               "eval_decisions": results["gate_decisions"].get("conditional_distance", {})}},
+                               "eval_decisions": results["gate_decisions"].get("conditional_distance", {})},
+                  "probe": {"reference_seed": tuning.get("probe_sae_seed"), "by_seed": tuning.get("probe_by_seed", {})}},
+        "seed_averaged": results.get("seed_averaged", {}),
+        "steer_sae": results.get("steer_sae", {}),
         "steering": {"layer": results["layer"], "alpha": results["alpha"], "positions": results["positions"]},
         "timings_seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(wall_seconds, 1)},
         "paired_vs_baseline": paired_summary(results["paired_vs_baseline"]),
@@ -142,6 +145,7 @@ def _eval_set_summary(entry: dict[str, Any]) -> dict[str, Any]:
     return {**{k: manifest[k] for k in ("specs", "n", "n_read", "categories", "sha256", "n_duplicates_removed",
                                         "n_overlap_removed", "n_overlap_eval")},
             "refusal": entry["refusal"], "frontier": _frontier_summary(entry["frontier"]),
+            "seed_averaged": entry.get("seed_averaged", {}),
             "paired_vs_baseline": paired_summary(entry.get("paired_vs_baseline", {}))}
 
 

@@ -22,15 +22,16 @@ from analysis.reporting.html import (
     value_cell,
 )
 from analysis.reporting.plots import ordered_labels
+from analysis.reporting.seed_sections import SEED_NOTE, condition_cell
 
 
-def _refusal_matrix(refusal: Mapping[str, Mapping[str, Any]], caption: str) -> str:
+def _refusal_matrix(refusal: Mapping[str, Mapping[str, Any]], caption: str,
+                    seeded: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     conditions = list(refusal)
     sets = ["over_refusal", "harmful_refusal", *ordered_labels([s for c in conditions for s in refusal[c]
                                                                  if s not in ("over_refusal", "harmful_refusal")])]
-    rows = [[row_header(c)] + [rate_cell(refusal[c][s]) if s in refusal[c] else "<td>—</td>" for s in sets]
-            for c in conditions]
-    return table(["condition", *sets], rows, caption, "matrix")
+    rows = [[row_header(c)] + [condition_cell(refusal, seeded, c, s) for s in sets] for c in conditions]
+    return table(["condition", *sets], rows, caption + (SEED_NOTE if seeded else ""), "matrix")
 
 
 def _verdict(frontier: Mapping[str, Any]) -> str:
@@ -85,7 +86,8 @@ def heldout_section(eval_sets: Mapping[str, Mapping[str, Any]] | None) -> Sectio
                  ("removed: duplicates inside the set", entry.get("n_duplicates_removed")),
                  ("categories", entry.get("categories"))]
         body.append(f"<h3>{esc(name)}</h3>" + key_values(facts)
-                    + _refusal_matrix(entry["refusal"], f"{name}: refusal rate [95% CI] and n per condition."))
+                    + _refusal_matrix(entry["refusal"], f"{name}: refusal rate [95% CI] and n per condition.",
+                                      (entry.get("seed_averaged") or {}).get("refusal")))
     return Section("heldout", "\n".join(body))
 
 

@@ -4,7 +4,9 @@ from them (so a test can check that every sentence quotes its numbers).
 A `Finding` is one headline comparison: a condition against the unintervened baseline on one set of
 prompts (the rate change with its 95% CI and the exact McNemar p), and, where the experiment has one,
 the comparison with its random control (selected − control with its CI; `beats_control`). Effects
-averaged over SAE seeds quote the across-seed CI and the largest per-seed p-value.
+averaged over SAE seeds quote the across-seed CI and the largest per-seed p-value: the feature
+ablation matrix, and the SAE-dependent conditions (conditional_probe, steer_sae, ablate) against the
+baseline, whose seed-averaged change replaces the reference seed's where the summary has one.
 
     findings = build_findings(summary)
     [f.sentence() for f in findings]
@@ -17,7 +19,7 @@ from typing import Any
 
 from activations.records import REFUSAL_CATEGORIES
 
-GATED = ("steer_toward", "steer_away", "conditional_distance", "conditional_probe", "conditional_token",
+GATED = ("steer_toward", "steer_away", "steer_sae", "conditional_distance", "conditional_probe", "conditional_token",
          "conditional_external", "ablate")
 HEADLINE_SETS = ("over_refusal", "harmful_refusal")
 TARGET_WORDS = {"over_refusal": "over-refusal (benign + contrast)", "harmful_refusal": "harmful refusal (refusal categories)"}
@@ -72,12 +74,21 @@ def fmt_p(p: float) -> str:
     return f"{p:.2g}" if p >= 0.001 else f"{p:.1e}"
 
 
-def _paired_findings(paired: Mapping[str, Any], topic: str = "condition vs baseline") -> list[Finding]:
+def _paired_findings(paired: Mapping[str, Any], topic: str = "condition vs baseline",
+                     averaged: Mapping[str, Any] | None = None) -> list[Finding]:
+    """Each condition against the baseline on the headline sets; a condition in `averaged` (summary.json
+    `seed_averaged.vs_baseline`) is quoted averaged over SAE seeds instead of its reference seed."""
     out = []
+    averaged = averaged or {}
     for condition in GATED:
         for target in HEADLINE_SETS:
+            seeded = (averaged.get(condition) or {}).get(target)
             cell = (paired.get(condition) or {}).get(target)
-            if cell:
+            if seeded:
+                e = seeded["effect"]
+                out.append(Finding(topic, condition, target, e["mean"], tuple(e["ci"]), max(seeded["p_values"]), e["n"],
+                                   e["n_seeds"]))
+            elif cell:
                 d = cell["difference"]
                 out.append(Finding(topic, condition, target, d["estimate"], tuple(d["ci"]), cell["p_value"], cell["n"]))
     return out
@@ -131,9 +142,11 @@ def build_findings(summary: Mapping[str, Any]) -> list[Finding]:
     if ablation.get("sufficiency"):
         out += _matrix_findings("sufficiency", "steer toward {c}" + where, ablation["sufficiency"]["matrix"], ("over_refusal",),
                                 "random directions of the same norm")
-    out += _paired_findings(summary.get("paired_vs_baseline") or {}, "condition vs baseline (eval split)")
+    out += _paired_findings(summary.get("paired_vs_baseline") or {}, "condition vs baseline (eval split)",
+                            (summary.get("seed_averaged") or {}).get("vs_baseline"))
     for name, entry in (summary.get("eval_sets") or {}).items():
-        out += _paired_findings(entry.get("paired_vs_baseline") or {}, f"condition vs baseline (held-out: {name})")
+        out += _paired_findings(entry.get("paired_vs_baseline") or {}, f"condition vs baseline (held-out: {name})",
+                                (entry.get("seed_averaged") or {}).get("vs_baseline"))
     return out
 
 

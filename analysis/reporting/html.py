@@ -24,6 +24,7 @@ SECTION_TITLES: dict[str, str] = {
     "probe": "Probe accuracy",
     "features": "Selected features",
     "refusal": "Refusal by condition",
+    "seeded": "SAE-dependent conditions under every SAE seed",
     "paired": "Paired tests against the baseline (McNemar)",
     "ablation": "Ablation experiments: necessity and sufficiency beside random controls",
     "gating": "The gating goal: gates against unconditional steering",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from activations.io import write_text_atomic
-from analysis.reporting import ablation_sections, benchmark_sections
+from analysis.reporting import ablation_sections, benchmark_sections, seed_sections
 from analysis.reporting import artifact_sections as report_extra_sections
 from analysis.reporting import sections as report_sections
 from analysis.reporting.feature_pages import CARD_STYLE
@@ -112,7 +112,9 @@ def _sections(summary: dict[str, Any], extras: ReportExtras, figs: FigureMaker) 
         report_sections.sae_section(summary["sae"], extras.training_curves, figs, extras.sae_training_rows),
         report_sections.probe_section(summary["probe"]),
         report_extra_sections.features_section(extras.features, extras.feature_cards),
-        report_sections.refusal_section(summary["refusal"], figs),
+        report_sections.refusal_section(summary["refusal"], figs, (summary.get("seed_averaged") or {}).get("refusal")),
+        seed_sections.seed_section(summary.get("seed_averaged"), summary.get("steer_sae"),
+                                   ((summary.get("gates") or {}).get("probe") or {}).get("by_seed")),
         ablation_sections.paired_section(summary.get("paired_vs_baseline")),
         ablation_sections.ablation_section(summary.get("ablation")),
         benchmark_sections.gating_section(extras.frontiers, figs),

@@ -14,6 +14,7 @@ from analysis.reporting.plots import ordered_labels, plot_rate_bars, plot_traini
 from analysis.reporting.html import (
     FigureMaker, Section, esc, figure, fmt_num, key_values, rate_cell, row_header, table, value_cell, yaml_block,
 )
+from analysis.reporting.seed_sections import SEED_NOTE, as_rates, condition_cell
 from analysis.reporting.summary import REQUIRED_CONDITIONS, REQUIRED_KEYS, SECTION_KEYS
 
 GEOMETRY_DIRECTION = {"silhouette": "↑ higher is better", "davies_bouldin": "↓ lower is better",
@@ -132,19 +133,21 @@ def probe_section(probe: Mapping[str, Any]) -> Section:
     return Section("probe", table(["metric", "value [95% CI] n"], rows, "Multiclass probe on the eval split."))
 
 
-def refusal_section(refusal: Mapping[str, Mapping[str, Any]], figs: FigureMaker) -> Section:
+def refusal_section(refusal: Mapping[str, Mapping[str, Any]], figs: FigureMaker,
+                    seeded: Mapping[str, Mapping[str, Any]] | None = None) -> Section:
     """Condition × set/category table of refusal rates with CIs, and grouped bar charts.
 
-    The bars come in two charts (refusal categories; benign, contrast and any aggregate sets) so
-    that each stays readable at page width.
+    `seeded` (summary.json `seed_averaged.refusal`): the SAE-dependent conditions' across-seed cells,
+    shown instead of the reference seed's rates, with a per-seed strip. The bars come in two charts
+    (refusal categories; benign, contrast and any aggregate sets) so that each stays readable at page width.
     """
     conditions = _conditions(refusal)
     sets = ordered_labels([s for c in conditions for s in refusal[c]])
-    rows = [[row_header(c)] + [rate_cell(refusal[c][s]) if s in refusal[c] else "<td>—</td>" for s in sets]
-            for c in conditions]
+    rows = [[row_header(c)] + [condition_cell(refusal, seeded, c, s) for s in sets] for c in conditions]
     body = [table(["condition", *sets], rows,
                   "Refusal rate [95% Wilson CI] and n prompts, eval split. Darker cells refuse more."
-                  + _same_as_note(refusal, "steer_lowrank", "steer_toward"), "matrix")]
+                  + (SEED_NOTE if seeded else "") + _same_as_note(refusal, "steer_lowrank", "steer_toward"), "matrix")]
+    refusal = {c: t for c, t in as_rates(refusal, seeded).items() if c in conditions}
     groups = [("Refusal on the refusal categories", [s for s in sets if s in REFUSAL_CATEGORIES]),
               ("Refusal on benign, contrast and aggregate sets", [s for s in sets if s not in REFUSAL_CATEGORIES])]
     for title, group in groups:

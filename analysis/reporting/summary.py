@@ -30,6 +30,16 @@ Schema version 1 (documented in the README):
                held-out set's name; `analysis.evaluation.separation`)
     findings: [{topic, condition, target, effect, ci, p_value, n, n_seeds, vs_control, control_ci,
                 beats_control, control_kind, sentence}]   (`analysis.reporting.findings`)
+    seed_averaged: the SAE-dependent conditions (conditional_probe, steer_sae, ablate) under every SAE
+                   seed, eval split (`analysis.evaluation.seed_conditions.seed_averaged`):
+                   {by_seed: {condition: {seed: {set: {rate, ci, n}}}},
+                    refusal: {condition: {set: {mean, ci, per_seed, n_seeds, n, seeds, method}}},
+                    vs_baseline: {condition: {set: {effect: {mean, ci, per_seed, n_seeds, n, method},
+                                                    p_values, seeds}}},
+                    gate_decisions: {conditional_probe: {seed: {direction:category: count}}}}
+                   (`refusal` above holds the reference seed; each eval_sets entry has its own seed_averaged)
+    steer_sae: {seed: {categories, weights, norm_own, norm_global, cosine_global, norm, norm_used} or {skipped}}
+    gates.probe: {reference_seed, by_seed: {seed: {thresholds, criterion, criterion_values, sae_seed, ...}}}
 """
 from __future__ import annotations
 
@@ -51,7 +61,7 @@ REQUIRED_CONDITIONS = (
 )
 REQUIRED_SETS = (*REFUSAL_CATEGORIES, "benign", "contrast")
 SECTION_KEYS = ("eval_sets", "frontier", "gates", "capability_readable", "benign_text", "paired_vs_baseline", "ablation",
-                "head_separation", "findings")
+                "head_separation", "findings", "seed_averaged", "steer_sae")
 """Optional keys the report shows in sections of their own."""
 
 
@@ -109,6 +119,9 @@ def validate_summary(summary: dict[str, Any], eval_counts: dict[str, int] | None
         else:
             _check_interval(f"probe.{metric}", entry.get("value"), entry.get("ci"), entry.get("n"), problems)
     _check_eval_sets(summary.get("eval_sets", {}), problems)
+    _check_seed_averaged("seed_averaged", summary.get("seed_averaged") or {}, problems)
+    for name, entry in summary.get("eval_sets", {}).items():
+        _check_seed_averaged(f"eval_sets.{name}.seed_averaged", entry.get("seed_averaged") or {}, problems)
     _check_benign_text(summary.get("benign_text", {}), problems)
     _check_findings(summary.get("findings", []), problems)
     for task, entry in summary.get("capability_readable", {}).items():
@@ -146,6 +159,33 @@ def _check_eval_sets(eval_sets: dict[str, Any], problems: list[str]) -> None:
                                 problems)
                 if key in counts and cell.get("n") != counts[key]:
                     problems.append(f"{where}.refusal.{condition}.{key}: n={cell.get('n')} but the set has {counts[key]}")
+
+
+def _check_seed_averaged(where: str, block: dict[str, Any], problems: list[str]) -> None:
+    """Per-seed tables are valid rates; each averaged cell has one mean per seed, lies in its CI, and its
+    mean is the mean of its per-seed means; a vs_baseline cell has one McNemar p per seed."""
+    for condition, per_seed in block.get("by_seed", {}).items():
+        for seed, table in per_seed.items():
+            for key, cell in table.items():
+                _check_interval(f"{where}.by_seed.{condition}.{seed}.{key}", cell.get("rate"), cell.get("ci"),
+                                cell.get("n"), problems)
+    cells = [(f"{where}.refusal.{c}.{k}", cell, (0.0, 1.0)) for c, t in block.get("refusal", {}).items()
+             for k, cell in t.items()]
+    cells += [(f"{where}.vs_baseline.{c}.{k}", cell.get("effect", {}), (-1.0, 1.0)) for c, t in block.get("vs_baseline", {}).items()
+              for k, cell in t.items()]
+    for label, cell, (lo_bound, hi_bound) in cells:
+        mean, ci, per_seed = cell.get("mean"), cell.get("ci"), cell.get("per_seed") or []
+        if not isinstance(mean, (int, float)) or not lo_bound <= mean <= hi_bound:
+            problems.append(f"{label}: mean {mean!r} outside [{lo_bound:g}, {hi_bound:g}]")
+            continue
+        if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and ci[0] - 1e-12 <= mean <= ci[1] + 1e-12):
+            problems.append(f"{label}: ci {ci!r} does not contain the mean {mean}")
+        if len(per_seed) != cell.get("n_seeds") or not per_seed or abs(sum(per_seed) / len(per_seed) - mean) > 1e-9:
+            problems.append(f"{label}: {cell.get('n_seeds')!r} seeds but per-seed means {per_seed} (mean {mean})")
+    for condition, table in block.get("vs_baseline", {}).items():
+        for key, cell in table.items():
+            if len(cell.get("p_values", [])) != cell.get("effect", {}).get("n_seeds"):
+                problems.append(f"{where}.vs_baseline.{condition}.{key}: one McNemar p per seed expected")
 
 
 def _check_findings(findings: list[dict[str, Any]], problems: list[str]) -> None:

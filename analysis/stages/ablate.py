@@ -1,5 +1,6 @@
 """The `ablate` stage: which features and directions are necessary, and which vectors sufficient, for
-each refusal category, each beside its random control (`RUN/ablate/results.json`).
+each refusal category, each beside its random control (`RUN/ablate/results.json`; the feature
+ablations' per-prompt verdicts in `RUN/ablate/rows.json`, which `refusal-sae compare` averages across runs).
 
 On the eval split, in the evaluate stage's batch order (its baseline is re-run once here to record
 the blocks below the primary layer, and checked against the evaluate stage's verdicts):
@@ -38,6 +39,7 @@ from analysis.evaluation.ablation_matrix import (
     seed_averaged_matrix,
 )
 from analysis.evaluation.conditions import EvalSetup, refusal_table, run_refusal
+from analysis.evaluation.matrix_average import ablation_rows
 from analysis.evaluation.splice_forward import content_mask
 from analysis.interventions.ablation import ablate_direction, ablate_features
 from analysis.interventions.steering import steer
@@ -185,6 +187,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     if cfg.sufficiency:
         payload["sufficiency"] = _sufficiency(cfg, ctx, records, baseline, vectors, position, run_fn, adapter)
     write_json(out / "results.json", payload)
+    write_json(out / "rows.json", ablation_rows(records, baseline, conditions, controls))  # for `compare`
     averaged = payload["feature_ablation"]["averaged"]
     return {"n_eval": len(records), "necessary": sorted(c for c in averaged if averaged[c].get(c, {}).get("beats_control"))}
 

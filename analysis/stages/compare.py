@@ -7,6 +7,10 @@ Runs that differ only in their seeds (`seed`, `train.seeds` in each run's config
 per-prompt verdicts (`RUN/evaluate/rows.json`) are also averaged as the summary averages SAE seeds:
 per refusal cell the mean over runs with a CI for run and prompt variance (`activations.stats.seed_average`
 when the runs share their eval prompts, else `run_average`), in the column "seed-averaged [95% CI]".
+The SAE-dependent conditions (conditional_probe, steer_sae, ablate) pool every (run, SAE seed) pair of
+`RUN/evaluate/rows_by_seed.json`, and the feature-ablation matrices of the ablate stage (rows
+`ablation.<c>.<target>`: selected, `ablation_vs_control.<c>.<target>`: selected − control) pool the
+(run, SAE seed) pairs of `RUN/ablate/rows.json` the same way (`analysis.evaluation.matrix_average`).
 """
 from __future__ import annotations
 
@@ -58,27 +62,64 @@ def _seed_only(paths: list[Path]) -> bool:
 
 
 def seed_averaged_cells(paths: list[Path]) -> dict[str, str]:
-    """`{"refusal.<condition>.<set>": "mean [lo, hi] (runs=R)"}` over runs that differ only in seeds and
-    keep `evaluate/rows.json`; empty when they do not."""
+    """`{"refusal.<condition>.<set>" | "ablation[_vs_control].<c>.<target>": "mean [lo, hi] (runs=R)"}` over
+    runs that differ only in seeds (refusal: those that keep `evaluate/rows.json`; ablation: `ablate/rows.json`)."""
     from activations.records import BENIGN, CONTRAST, REFUSAL_CATEGORIES
     from activations.stats import run_average, seed_average
 
-    files = [p / "evaluate" / "rows.json" for p in paths]
-    if len(paths) < 2 or not all(f.is_file() for f in files) or not _seed_only(paths):
+    if len(paths) < 2 or not _seed_only(paths):
         return {}
-    runs = [json.loads(f.read_text()) for f in files]
+    files = [p / "evaluate" / "rows.json" for p in paths]
+    runs = [json.loads(f.read_text()) for f in files] if all(f.is_file() for f in files) else [{}]
+    by_seed = _per_seed_rows(paths)
     out = {}
     for condition in [c for c in runs[0] if all(c in r for r in runs)]:
-        rows = [r[condition] for r in runs]
+        # one list of rows per run, or per (run, SAE seed) pair for the SAE-dependent conditions
+        per_run = [list(b[condition].values()) for b in by_seed] if by_seed and condition in by_seed[0] else [[r[condition]] for r in runs]
+        rows = [x for per in per_run for x in per]
         sets = {c: (c,) for c in dict.fromkeys(x["category"] for x in rows[0])}
         sets.update({"over_refusal": (BENIGN, CONTRAST), "harmful_refusal": tuple(REFUSAL_CATEGORIES)})
         paired = all([x["prompt_id"] for x in r] == [x["prompt_id"] for x in rows[0]] for r in rows)
         for name, cats in sets.items():
-            values = [np.array([float(x["refused"]) for x in r if x["category"] in cats]) for r in rows]
-            if any(v.size == 0 for v in values):
+            values = [[np.array([float(x["refused"]) for x in r if x["category"] in cats]) for r in per] for per in per_run]
+            if any(v.size == 0 for per in values for v in per):
                 continue
-            avg = seed_average(np.stack(values)) if paired else run_average(values)
-            out[f"refusal.{condition}.{name}"] = f"{avg['mean']:.3f} [{avg['ci'][0]:.3f}, {avg['ci'][1]:.3f}] (runs={len(rows)})"
+            avg = (seed_average(np.stack([v for per in values for v in per])) if paired
+                   else run_average([np.mean(per, axis=0) for per in values]))
+            out[f"refusal.{condition}.{name}"] = _cell(avg, len(runs), len(rows))
+    out.update(_ablation_cells(paths))
+    return out
+
+
+def _cell(avg: dict[str, Any], n_runs: int, n_pairs: int) -> str:
+    pairs = f", run×seed pairs={n_pairs}" if n_pairs != n_runs else ""
+    return f"{avg['mean']:.3f} [{avg['ci'][0]:.3f}, {avg['ci'][1]:.3f}] (runs={n_runs}{pairs})"
+
+
+def _per_seed_rows(paths: list[Path]) -> list[dict[str, Any]] | None:
+    """Each run's `{condition: {seed: rows}}` on the eval split (`evaluate/rows_by_seed.json`), or None
+    when a run lacks the file."""
+    files = [p / "evaluate" / "rows_by_seed.json" for p in paths]
+    if not all(f.is_file() for f in files):
+        return None
+    found = [json.loads(f.read_text()).get("eval", {}) for f in files]
+    common = [c for c in found[0] if all(c in f for f in found)]
+    return [{c: f[c] for c in common} for f in found]
+
+
+def _ablation_cells(paths: list[Path]) -> dict[str, str]:
+    """The feature-ablation matrices pooled over the runs' (run, SAE seed) pairs (`ablate/rows.json`)."""
+    from analysis.evaluation.matrix_average import average_matrices
+
+    files = [p / "ablate" / "rows.json" for p in paths]
+    if not all(f.is_file() for f in files):
+        return {}
+    out = {}
+    for row, cells in average_matrices([json.loads(f.read_text()) for f in files]).items():
+        for target, cell in cells.items():
+            for key, prefix in (("effect", "ablation"), ("vs_control", "ablation_vs_control")):
+                if key in cell:
+                    out[f"{prefix}.{row}.{target}"] = _cell(cell[key], len(paths), cell["n_pairs"])
     return out
 
 
@@ -104,6 +145,14 @@ def comparison_rows(names: list[str], summaries: list[dict[str, Any]],
                 sets += [t for t in s.get(section, {}).get(condition, {}) if t not in sets]
             for name in sets:
                 add(f"{section}.{condition}.{name}", [s.get(section, {}).get(condition, {}).get(name) for s in summaries], key)
+    matrices = [((s.get("ablation") or {}).get("feature_ablation") or {}).get("averaged") or {} for s in summaries]
+    for row in dict.fromkeys(r for m in matrices for r in m):
+        for target in dict.fromkeys(t for m in matrices for t in m.get(row, {})):
+            cells = [m.get(row, {}).get(target) or {} for m in matrices]
+            add(f"ablation.{row}.{target}", [c.get("effect") for c in cells], "mean")
+            add(f"ablation_vs_control.{row}.{target}", [c.get("vs_control") for c in cells], "mean")
+    shown = {r[0] for r in rows}  # averaged cells the summaries lack (e.g. an ablation row of a seed)
+    rows += [[label, *["–"] * len(names), "–", cell] for label, cell in (averaged or {}).items() if label not in shown]
     for metric in ("accuracy", "macro_f1"):
         add(f"probe.{metric}", [s.get("probe", {}).get(metric) for s in summaries], "value")
     for metric in ("fvu", "l0", "dead_fraction"):

@@ -7,13 +7,21 @@ Conditions (all at the primary layer, steering on every position unless configur
   baseline               no intervention
   steer_toward / _away   ±alpha · v_global (pooled refusal mean − benign mean) on every row
   steer_lowrank          +alpha · the low-rank combined vector
+  steer_sae              +alpha · the pooled SAE-space vector (row-weighted sum of the seed's SAE-space
+                         category vectors, at |v_global| by default: `sae_vector_norm`)
   conditional_distance   per-row plan from the distance gate (tuned on calibrate)
-  conditional_probe      per-row plan from the L1-probe gate on SAE latents (tuned on calibrate)
+  conditional_probe      per-row plan from the L1-probe gate on SAE latents (tuned on calibrate per seed)
   conditional_token      the model's own first-token category selects v_c (+alpha)
   conditional_external   an external classifier's refuse score selects +alpha·v_global (only with
                          `gates.external_classifier`)
-  ablate                 zero the L1-selected SAE features of every refusal category (reference seed;
-                         on the eval split every seed is also run and reported in `ablate_by_seed`)
+  ablate                 zero the L1-selected SAE features of every refusal category
+
+The SAE-dependent conditions (conditional_probe, steer_sae, ablate) run under every SAE seed on the
+eval split and on every held-out set (`analysis.evaluation.seed_conditions`): the condition tables
+hold the reference (first) seed, `seed_averaged` the per-seed tables (`by_seed`), the across-seed
+rates (`refusal`) and changes against the baseline (`vs_baseline`), each averaged with
+`activations.stats.seed_average` as the ablation matrices are. `rows_by_seed.json` keeps the per-seed
+verdicts; `ablate_by_seed` (the eval split's per-seed ablate tables) stays for older readers.
 
 Per-category ablation matrices with controls, directional ablation and sufficiency (steering toward
 each category) are the `ablate` stage's (`analysis/stages/ablate.py`).
@@ -43,16 +51,12 @@ from analysis.evaluation.capability_tasks import (
     load_capability_tasks,
     parse_capability_spec,
 )
-from analysis.evaluation.conditions import (
-    length_order,
-    refusal_table,
-    run_refusal,
-)
-from analysis.evaluation.set_evaluation import evaluate_set
-from analysis.interventions.ablation import ablate_features
+from analysis.evaluation.conditions import length_order
+from analysis.evaluation.seed_conditions import refusal_by_seed, seed_averaged
+from analysis.evaluation.set_evaluation import SetEvaluation, evaluate_set
 from analysis.stages.context import PipelineStage, RunContext
 from analysis.stages.gates import split_rows
-from analysis.stages.suite import RunSuite, build_suite, selected_union
+from analysis.stages.suite import RunSuite, build_suite, seed_conditions, selected_union
 
 NAME = "evaluate"
 
@@ -80,6 +84,8 @@ class Config:
         benign_limit: texts per benign source.
         benign_response_tokens: response tokens scored per text (and generated when a source has none).
         benign_batch_size: texts per forward of the benign-text measure (it keeps full vocabularies).
+        sae_vector_norm: the length of steer_sae's pooled SAE-space vector: "global" = |v_global| (the
+            same alpha is the same step as steer_toward; only the direction differs) or "own" (as decoded).
     """
 
     alphas: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
@@ -96,6 +102,7 @@ class Config:
     benign_limit: int = 12
     benign_response_tokens: int = 48
     benign_batch_size: int = 8
+    sae_vector_norm: Literal["global", "own"] = "global"
 
     def __post_init__(self) -> None:
         if not all(np.isfinite(a) for a in [*self.alphas, self.alpha]):
@@ -118,48 +125,55 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     out = ctx.stage_dir(NAME)
     built = build_suite(ctx)
     suite = built.suite
+    per_seed = seed_conditions(ctx, built)
     rows, records = split_rows(ctx, "eval")
     found = evaluate_set(suite, records, cfg.alphas, cfg.frontier_tolerance, features=rows.features,
                          distance_gate=built.distance)
-    ablate_by_seed, ablated = _ablate_every_seed(ctx, built, records, found.results)
-    heldout = _eval_sets(cfg, ctx, built)
+    by_seed, seeded = _every_seed(built, per_seed, records, found)
+    heldout = _eval_sets(cfg, ctx, built, per_seed)
     capability = _capability(cfg, suite)
     payload = {
         "layer": ctx.layer, "alpha": cfg.alpha, "positions": cfg.positions, "n_eval": len(records),
         **{k: found.payload[k] for k in ("refusal", "paired_vs_baseline", "sweep", "frontier", "gate_decisions",
                                           "distance_scores")},
-        "ablate_by_seed": {str(s): refusal_table(r) for s, r in ablate_by_seed.items()},
-        "ablated_features": {str(s): ids for s, ids in ablated.items()},
+        "seed_averaged": seeded, "reference_seed": built.reference_seed,
+        "steer_sae": {str(s): info for s, info in built.sae_vectors.items()},
+        "ablate_by_seed": seeded["by_seed"].get("ablate", {}),
+        "ablated_features": {str(s): selected_union(ctx, s) for s in built.saes},
         "eval_sets": {name: entry["payload"] for name, entry in heldout.items()},
         **capability,
     }
     write_json(out / "results.json", payload)
     write_json(out / "gate_decisions.json", {name: [d.to_dict() for d in ds] for name, ds in found.decisions.items()})
     write_json(out / "rows.json", {name: [r.to_dict() for r in rs] for name, rs in found.results.items()})
+    write_json(out / "rows_by_seed.json", {"eval": _rows(by_seed), **{name: _rows(entry["by_seed"])
+                                                                       for name, entry in heldout.items()}})
     write_json(out / "eval_sets.json", {name: {"manifest": entry["payload"]["manifest"],
                                                "rows": {c: [r.to_dict() for r in rs] for c, rs in entry["results"].items()}}
                                         for name, entry in heldout.items()})
     return {"n_eval": len(records), "conditions": sorted(payload["refusal"]),
+            "seed_conditions": {c: sorted(t) for c, t in seeded["by_seed"].items()},
             "eval_sets": {name: entry["payload"]["n"] for name, entry in heldout.items()}}
 
 
-def _ablate_every_seed(ctx: RunContext, built: RunSuite, records: list, results: dict) -> tuple[dict, dict]:
-    """Ablation with every SAE seed's selected features (the reference seed's run is reused)."""
-    setup = built.suite.setup
-    ablated = {seed: selected_union(ctx, seed) for seed in built.saes}
-    by_seed = {built.reference_seed: results["ablate"]}
-    for seed, sae in built.saes.items():
-        if seed == built.reference_seed:
-            continue
-        ids = ablated[seed]
-        context = lambda rows_, sae=sae, ids=ids: ablate_features(setup.adapter, ctx.layer, sae, ids)  # noqa: E731
-        by_seed[seed] = run_refusal(setup, records, context=context, progress=True,
-                                    desc=f"condition ablate (seed {seed}, {len(ids)} features)")
-    return {s: by_seed[s] for s in built.saes}, ablated
+def _every_seed(built: RunSuite, per_seed: dict, records: list, found: SetEvaluation) -> tuple[dict, dict[str, Any]]:
+    """The SAE-dependent conditions under every SAE seed on `records` (the reference seed's runs reused):
+    `({condition: {seed: results}}, seed_averaged payload + per-seed probe decision counts)`."""
+    by_seed, counts = refusal_by_seed(built.suite, per_seed, built.reference_seed, records, found.inputs,
+                                      found.results)
+    averaged = seed_averaged(records, found.results["baseline"], by_seed)
+    averaged["gate_decisions"] = {c: {str(s): n for s, n in per.items()} for c, per in counts.items()}
+    return by_seed, averaged
 
 
-def _eval_sets(cfg: Config, ctx: RunContext, built: RunSuite) -> dict[str, dict[str, Any]]:
-    """Each held-out set under every condition: `{name: {"payload": ..., "results": ...}}`."""
+def _rows(by_seed: dict) -> dict[str, dict[str, list]]:
+    """`{condition: {seed: [row dicts]}}` of per-seed results, for rows_by_seed.json."""
+    return {c: {str(s): [r.to_dict() for r in rs] for s, rs in per.items()} for c, per in by_seed.items()}
+
+
+def _eval_sets(cfg: Config, ctx: RunContext, built: RunSuite, per_seed: dict) -> dict[str, dict[str, Any]]:
+    """Each held-out set under every condition (the SAE-dependent ones under every seed):
+    `{name: {"payload": ..., "results": ..., "by_seed": ...}}`."""
     if not cfg.eval_sets:
         return {}
     sets = load_heldout_sets(cfg.eval_sets, ctx.prompts, seed=ctx.cfg.seed)
@@ -169,7 +183,9 @@ def _eval_sets(cfg: Config, ctx: RunContext, built: RunSuite) -> dict[str, dict[
         print(f"  eval set {name} ({len(held.records)} prompts)", flush=True)
         records = [held.records[i] for i in length_order(held.records, tokenizer, ctx.cfg.chat_template)]
         found = evaluate_set(built.suite, records, cfg.alphas, cfg.frontier_tolerance, distance_gate=built.distance)
-        out[name] = {"payload": {"manifest": held.manifest(), **found.payload}, "results": found.results}
+        by_seed, seeded = _every_seed(built, per_seed, records, found)
+        out[name] = {"payload": {"manifest": held.manifest(), **found.payload, "seed_averaged": seeded},
+                     "results": found.results, "by_seed": by_seed}
     return out
 
 
@@ -195,7 +211,7 @@ def _capability(cfg: Config, suite: Any) -> dict[str, Any]:
 
 
 def results_path(ctx: RunContext, name: str = "results") -> Path:
-    """This run's evaluation outputs: "results", "rows", "gate_decisions" or "eval_sets" (JSON)."""
+    """This run's evaluation outputs: "results", "rows", "rows_by_seed", "gate_decisions" or "eval_sets" (JSON)."""
     return ctx.stage_dir(NAME) / f"{name}.json"
 
 

@@ -1,4 +1,9 @@
-"""The `gates` stage: the distance gate and the probe gate, tuned on calibrate (`RUN/gates/`).
+"""The `gates` stage: the distance gate and the probe gates, tuned on calibrate (`RUN/gates/`).
+
+`distance.json`: the distance gate (residual states). `probe_seed_<s>.json`: one L1-probe gate per SAE
+seed s, each from that seed's own head (`RUN/select/sae/seed_<s>/head`) on that seed's latents, its
+thresholds tuned on calibrate by the same procedure; `probe.json` is the reference (first) seed's,
+where earlier readers look for it.
 
 Row alignment: gate features come from the harvested last-token activations (the unsteered model's
 own states, which is what a deployed gate would see), matched to prompts by id. Labels are read only
@@ -107,7 +112,7 @@ def residual_vectors(ctx: RunContext) -> dict[str, np.ndarray]:
 
 
 def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
-    """Distance gate (residual) and probe gate (SAE latents of the reference seed), tuned on calibrate."""
+    """Distance gate (residual) and one probe gate per SAE seed (its head on its latents), tuned on calibrate."""
     alpha = ctx.cfg.evaluate.alpha
     out = ctx.stage_dir(NAME)
     setup = eval_setup(ctx)
@@ -120,22 +125,43 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     distance, report = tune_distance_gate(fitted, calibrate, cached_outcome(setup, cal_records, baseline, vectors),
                                           grid, cfg.distance_tolerance)
     distance.save(out / "distance.json")
-    head = HeadResult.load(str(selection_dir(ctx, "sae") / "head"))
-    reference_seed, sae = next(iter(run_saes(ctx).items()))
-    latents = calibrate.with_features(encode_latents(sae, calibrate.features))
-    probe = tune_probe_gate(head, latents, alpha_toward=alpha)
-    probe.save(out / "probe.json")
+    probes = tune_probe_gates(ctx, calibrate, alpha)
+    reference_seed = next(iter(probes))
+    for seed, probe in probes.items():
+        probe.save(gate_path(ctx, "probe", seed))
+    probes[reference_seed].save(out / "probe.json")
+    by_seed = {str(s): {**p.meta, "sae_seed": s, "thresholds": p.thresholds} for s, p in probes.items()}
     write_json(out / "tuning.json", {"distance": report.to_dict(),
                                      "distance_scores": {"calibrate": score_distribution(distance, calibrate)},
-                                     "probe": probe.meta, "probe_sae_seed": reference_seed})
+                                     "probe": probes[reference_seed].meta, "probe_sae_seed": reference_seed,
+                                     "probe_by_seed": by_seed})
     return {"distance_chosen": report.chosen, "distance_baseline": report.baseline,
-            "distance_noop": report.chosen_is_noop, "probe_thresholds": probe.thresholds,
-            "probe_sae_seed": reference_seed}
+            "distance_noop": report.chosen_is_noop, "probe_thresholds": probes[reference_seed].thresholds,
+            "probe_sae_seed": reference_seed,
+            "probe_thresholds_by_seed": {str(s): p.thresholds for s, p in probes.items()}}
 
 
-def gate_path(ctx: RunContext, name: str) -> Path:
-    """One of this run's tuned gates: "distance" or "probe"."""
-    return ctx.stage_dir(NAME) / f"{name}.json"
+def tune_probe_gates(ctx: RunContext, calibrate: LabelledRows, alpha: float) -> dict[int, Any]:
+    """`{seed: ProbeGate}` for every SAE seed (reference first): seed s's L1 head on s's latents of the
+    calibrate rows, thresholds tuned on calibrate (`probes.gate_tuning.tune_probe_gate`)."""
+    out = {}
+    for seed, sae in run_saes(ctx).items():
+        head = HeadResult.load(str(selection_dir(ctx, "sae") / f"seed_{seed}" / "head"))
+        latents = calibrate.with_features(encode_latents(sae, calibrate.features))
+        probe = tune_probe_gate(head, latents, alpha_toward=alpha)
+        probe.meta["sae_seed"] = seed
+        out[seed] = probe
+    return out
+
+
+def gate_path(ctx: RunContext, name: str, seed: int | None = None) -> Path:
+    """One of this run's tuned gates: "distance" or "probe" (the reference seed's); with `seed`, that
+    SAE seed's probe gate (`probe_seed_<s>.json`)."""
+    if seed is None:
+        return ctx.stage_dir(NAME) / f"{name}.json"
+    if name != "probe":
+        raise ValueError(f"only the probe gate is per SAE seed, not {name!r}")
+    return ctx.stage_dir(NAME) / f"probe_seed_{seed}.json"
 
 
 STAGE = PipelineStage(NAME, run, section=NAME,

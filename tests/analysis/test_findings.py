@@ -110,3 +110,32 @@ def test_report_shows_findings_first_matrices_pvalues_and_fixed_tables():
     assert "exactly steer_toward&#x27;s rates" in page  # steer_lowrank identical to steer_toward: said so
     assert "UNREADABLE" in page
     assert "refusal rate on benign" not in page and "chose c (benign + contrast)" in page
+
+
+def test_sae_dependent_conditions_are_quoted_averaged_over_seeds():
+    """A condition with a seed-averaged change against the baseline is quoted from it (mean, across-seed CI,
+    largest per-seed p, n_seeds), not from its reference seed's paired test; the sentence reads its numbers."""
+    from analysis.evaluation.seed_conditions import seed_averaged
+
+    rng = np.random.default_rng(4)
+    records = [PromptRecord(f"p{i}", "t", c) for i, c in enumerate(CATS)]
+    base = np.array([c != "benign" for c in CATS]) | (rng.random(60) < 0.2)
+    per_seed = {s: _results(base & (rng.random(60) < 0.5 + 0.1 * s)) for s in (0, 1, 2)}
+    seeded = seed_averaged(records, _results(base), {"conditional_probe": per_seed})
+    reference = {"conditional_probe": {"over_refusal": {"all": paired_compare(base[:20], base[:20] & (rng.random(20) < 0.3))},
+                                       "category": {}}}
+    findings = build_findings({"paired_vs_baseline": paired_summary(reference), "seed_averaged": seeded,
+                               "eval_sets": {"xstest": {"paired_vs_baseline": paired_summary(reference)}}})
+    eval_split = [f for f in findings if f.topic == "condition vs baseline (eval split)"]
+    assert [(f.condition, f.target) for f in eval_split] == [("conditional_probe", "over_refusal"),
+                                                             ("conditional_probe", "harmful_refusal")]
+    for f in eval_split:
+        cell = seeded["vs_baseline"]["conditional_probe"][f.target]
+        assert (f.effect, f.ci, f.n_seeds, f.n) == (cell["effect"]["mean"], tuple(cell["effect"]["ci"]), 3, cell["effect"]["n"])
+        assert f.p_value == max(cell["p_values"])
+        text = f.sentence()
+        assert _numbers(text) == pytest.approx([round(v, 2) for v in (f.effect, *f.ci)], abs=1e-9), text
+        assert "mean of 3 SAE seeds" in text and f"largest per-seed McNemar p = {fmt_p(f.p_value)}" in text
+    held = [f for f in findings if f.topic.endswith("(held-out: xstest)")]  # no seed average there: the reference seed
+    assert len(held) == 1 and held[0].n_seeds == 1
+    assert held[0].effect == reference["conditional_probe"]["over_refusal"]["all"]["difference"]["estimate"]

@@ -294,3 +294,41 @@ def test_report_has_sae_quality_and_a_page_per_selected_feature(pipeline_run, tm
                      "--model", str(pipeline_run / "refusal_tokens" / "model"), "--out", str(out)]) == 0
     assert json.loads((out / "cards.json").read_text())["cards"] == cards
     assert (out / "features.html").read_text().count('class="card"') == n_selected
+
+
+def test_sae_dependent_conditions_run_for_every_seed_and_are_seed_averaged(pipeline_run):
+    """summary.json holds per-seed tables and across-seed cells of conditional_probe / steer_sae / ablate on
+    the eval split and every held-out set; each SAE seed has its own tuned probe gate."""
+    from activations.stats import seed_average
+
+    summary = json.loads((pipeline_run / "summary.json").read_text())
+    seeds = [str(s) for s in summary["seeds"]]
+    skipped = {s for s, info in summary["steer_sae"].items() if "skipped" in info}
+    log = (pipeline_run.parent / "stderr.log").read_text()
+    assert all(f"SAE seed {s} has no steer_sae condition" in log for s in skipped)
+    assert set(summary["steer_sae"]) == set(seeds)
+    for block in [summary["seed_averaged"], *(e["seed_averaged"] for e in summary["eval_sets"].values())]:
+        assert sorted(block["by_seed"]["conditional_probe"]) == sorted(block["by_seed"]["ablate"]) == seeds
+        assert sorted(block["by_seed"].get("steer_sae", {})) == sorted(set(seeds) - skipped)
+        for condition, per_seed in block["by_seed"].items():
+            cell = block["refusal"][condition]["harmful_refusal"]
+            assert cell["per_seed"] == pytest.approx([per_seed[s]["harmful_refusal"]["rate"] for s in cell["seeds"]])
+            assert cell["ci"][0] <= cell["mean"] <= cell["ci"][1]
+            assert block["vs_baseline"][condition]["over_refusal"]["effect"]["n_seeds"] == len(per_seed)
+    reference = seeds[0]
+    assert summary["seed_averaged"]["by_seed"]["ablate"][reference] == summary["refusal"]["ablate"]
+    assert summary["seed_averaged"]["by_seed"]["conditional_probe"][reference] == summary["refusal"]["conditional_probe"]
+    rows = json.loads((pipeline_run / "evaluate" / "rows_by_seed.json").read_text())
+    verdicts = [[float(r["refused"]) for r in rows["eval"]["ablate"][s] if r["category"] not in ("benign", "contrast")]
+                for s in seeds]
+    assert summary["seed_averaged"]["refusal"]["ablate"]["harmful_refusal"]["mean"] == pytest.approx(
+        seed_average(verdicts)["mean"])
+    for s in seeds:  # one probe gate per seed, recorded with its seed
+        gate = json.loads((pipeline_run / "gates" / f"probe_seed_{s}.json").read_text())
+        assert gate["meta"]["sae_seed"] == int(s)
+        assert summary["gates"]["probe"]["by_seed"][s]["thresholds"] == gate["thresholds"]
+    assert (pipeline_run / "ablate" / "rows.json").is_file()
+    if reference not in skipped:
+        assert "steer_sae" in summary["refusal"] and any(line.startswith("condition steer_sae") for line in log.splitlines())
+    assert any(f["condition"] == "conditional_probe" and f["n_seeds"] == len(seeds) for f in summary["findings"])
+    assert "SAE-dependent conditions under every SAE seed" in (pipeline_run / "report.html").read_text()

@@ -96,9 +96,24 @@ def ablation_keys(rng: np.random.Generator) -> dict[str, Any]:
     }
     paired = {"steer_away": {"over_refusal": {"all": paired_compare(base, base & (rng.random(len(cats)) < 0.5))},
                              "category": {}}}
-    out = {"paired_vs_baseline": paired_summary(paired), "ablation": ablation}
+    out = {"paired_vs_baseline": paired_summary(paired), "ablation": ablation, **seed_keys(records, baseline, flip)}
     out["findings"] = [f.to_dict() for f in build_findings(out)]
     return out
+
+
+def seed_keys(records: list, baseline: list, flip: Any) -> dict[str, Any]:
+    """`seed_averaged` (the SAE-dependent conditions under three SAE seeds, from made-up verdicts; seed 2
+    has no SAE-space vector) and `steer_sae` (the vectors' comparison with v_global)."""
+    from analysis.evaluation.seed_conditions import seed_averaged
+
+    by_seed = {"conditional_probe": {s: flip(0.2 + 0.1 * s) for s in (0, 1, 2)},
+               "steer_sae": {s: flip(0.05) for s in (0, 1)}, "ablate": {s: flip(0.4) for s in (0, 1, 2)}}
+    seeded = seed_averaged(records, baseline, by_seed)
+    del seeded["refusal"]["ablate"]["humanizing"]  # as a set without prompts would be: the empty cell stays
+    info = {"categories": ["safety", "humanizing"], "weights": {"safety": 0.5, "humanizing": 0.5}, "norm_own": 3.2,
+            "norm_global": 35.0, "cosine_global": 0.61, "norm": "global", "norm_used": 35.0}
+    return {"seed_averaged": seeded,
+            "steer_sae": {"0": info, "1": {**info, "cosine_global": 0.58}, "2": {"skipped": "no category kept"}}}
 
 
 def synthetic_frontier(counts_rate) -> dict[str, Any]:
