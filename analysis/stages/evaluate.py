@@ -204,7 +204,7 @@ def _capability(cfg: Config, suite: Any) -> dict[str, Any]:
         s = suite.setup
         items = complete_responses(s.model, s.tokenizer, items, cfg.benign_response_tokens, s.batch_size,
                                    suite.chat_template)
-        print(f"  benign text ({len(items)} responses) under {len(conditions)} conditions", flush=True)
+        print(f"  benign text ({len(items)} responses) under {len(suite.names)} conditions", flush=True)
         out["benign_text"] = benign_under_conditions(suite, items, suite.names, cfg.benign_response_tokens,
                                                      cfg.benign_batch_size)
     return out
