@@ -88,11 +88,12 @@ def pooled_sae_vector(vectors: Mapping[str, Any], reference: np.ndarray | None =
 
 def refusal_by_seed(suite: ConditionSuite, seeds: Mapping[int, SeedConditions], reference_seed: int,
                     records: Sequence[PromptRecord], inputs: RowInputs, done: Mapping[str, list[RefusalResult]],
-                    progress: bool = True) -> tuple[dict[str, dict[int, list[RefusalResult]]], dict[str, dict[int, Any]]]:
+                    done_decisions: Mapping[str, list] | None = None, progress: bool = True) -> tuple[dict[str, dict[int, list[RefusalResult]]], dict[str, dict[int, Any]]]:
     """Each SAE-dependent condition under every seed that has it:
     `({condition: {seed: results}}, {"conditional_probe": {seed: decision counts}})`.
 
-    The reference seed's results are `done[condition]` (the suite's run) when present; a seed
+    The reference seed's results are `done[condition]` (the suite's run) when present, and its probe
+    decisions `done_decisions["conditional_probe"]` (the suite's gate ran on the same inputs); a seed
     without a condition (None) is left out. Gated rows the gate leaves alone keep `done["baseline"]`.
     """
     records = list(records)
@@ -104,7 +105,7 @@ def refusal_by_seed(suite: ConditionSuite, seeds: Mapping[int, SeedConditions], 
         reuse = seed == reference_seed
         label = f"seed {seed}"
         if conds.gate is not None:
-            decisions = conds.gate(inputs)
+            decisions = ((done_decisions or {}).get("conditional_probe") if reuse else None) or conds.gate(inputs)
             counts["conditional_probe"][seed] = decision_counts(decisions)
             if reuse and "conditional_probe" in done:
                 out["conditional_probe"][seed] = done["conditional_probe"]

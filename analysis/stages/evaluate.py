@@ -137,7 +137,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
         **{k: found.payload[k] for k in ("refusal", "paired_vs_baseline", "sweep", "frontier", "gate_decisions",
                                           "distance_scores")},
         "seed_averaged": seeded, "reference_seed": built.reference_seed,
-        "steer_sae": {str(s): info for s, info in built.sae_vectors.items()},
+        "steer_sae": {str(s): info for s, (_, info) in built.sae_vectors.items()},
         "ablate_by_seed": seeded["by_seed"].get("ablate", {}),
         "ablated_features": {str(s): selected_union(ctx, s) for s in built.saes},
         "eval_sets": {name: entry["payload"] for name, entry in heldout.items()},
@@ -160,7 +160,7 @@ def _every_seed(built: RunSuite, per_seed: dict, records: list, found: SetEvalua
     """The SAE-dependent conditions under every SAE seed on `records` (the reference seed's runs reused):
     `({condition: {seed: results}}, seed_averaged payload + per-seed probe decision counts)`."""
     by_seed, counts = refusal_by_seed(built.suite, per_seed, built.reference_seed, records, found.inputs,
-                                      found.results)
+                                      found.results, found.decisions)
     averaged = seed_averaged(records, found.results["baseline"], by_seed)
     averaged["gate_decisions"] = {c: {str(s): n for s, n in per.items()} for c, per in counts.items()}
     return by_seed, averaged

@@ -130,7 +130,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     for seed, probe in probes.items():
         probe.save(gate_path(ctx, "probe", seed))
     probes[reference_seed].save(out / "probe.json")
-    by_seed = {str(s): {**p.meta, "sae_seed": s, "thresholds": p.thresholds} for s, p in probes.items()}
+    by_seed = {str(s): {**p.meta, "thresholds": p.thresholds} for s, p in probes.items()}  # meta has sae_seed
     write_json(out / "tuning.json", {"distance": report.to_dict(),
                                      "distance_scores": {"calibrate": score_distribution(distance, calibrate)},
                                      "probe": probes[reference_seed].meta, "probe_sae_seed": reference_seed,

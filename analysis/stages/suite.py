@@ -30,13 +30,14 @@ from probes.selection import read_features, refusal_feature_ids
 class RunSuite:
     """The suite plus what the evaluate stage reports beside it: every SAE seed (reference first),
     the reference seed, the tuned distance gate (for its score distributions), and per seed its pooled
-    SAE-space vector's comparison with v_global (`pooled_sae_vector` info, or `{"skipped": why}`)."""
+    SAE-space vector (None when the seed has none) with its comparison to v_global (`pooled_sae_vector`
+    info, or `{"skipped": why}`)."""
 
     suite: ConditionSuite
     saes: dict[int, Any]
     reference_seed: int
     distance: DistanceGate
-    sae_vectors: dict[int, dict[str, Any]] = field(default_factory=dict)
+    sae_vectors: dict[int, tuple[np.ndarray | None, dict[str, Any]]] = field(default_factory=dict)
 
 
 def selected_union(ctx: RunContext, seed: int) -> list[int]:
@@ -90,14 +91,15 @@ def build_suite(ctx: RunContext) -> RunSuite:
                            gates, {"ablate": ablation}, ctx.cfg.chat_template,
                            labels={"ablate": f"ablate (seed {reference_seed}, {len(ids)} features)",
                                    "steer_sae": f"steer_sae (seed {reference_seed})"}, steering=steering)
-    return RunSuite(suite, saes, reference_seed, distance, {seed: info for seed, (_, info) in sae_vectors.items()})
+    return RunSuite(suite, saes, reference_seed, distance, sae_vectors)
 
 
 def seed_conditions(ctx: RunContext, built: RunSuite) -> dict[int, SeedConditions]:
-    """Every SAE seed's own probe gate (`gates/probe_seed_<s>.json`), pooled SAE-space vector and
-    selected features to ablate; a seed without an SAE-space vector is said loudly and has none."""
+    """Every SAE seed's own probe gate (`gates/probe_seed_<s>.json`), pooled SAE-space vector (read once,
+    by `build_suite`) and selected features to ablate; a seed without an SAE-space vector is said loudly
+    and has none."""
     setup = built.suite.setup
-    adapter, v_global = setup.adapter, built.suite.vectors["global"]
+    adapter = setup.adapter
     out, missing = {}, {}
     for seed, sae in built.saes.items():
         path = gate_path(ctx, "probe", seed)
@@ -105,7 +107,7 @@ def seed_conditions(ctx: RunContext, built: RunSuite) -> dict[int, SeedCondition
             raise FileNotFoundError(f"no probe gate for SAE seed {seed} ({path}); re-run the gates stage")
         probe = load_gate(path)
         ids = selected_union(ctx, seed)
-        vector, info = sae_steering_vector(ctx, seed, v_global)
+        vector, info = built.sae_vectors[seed]
         if vector is None:
             missing[seed] = info["skipped"]
 

@@ -105,18 +105,23 @@ def test_each_condition_runs_once_per_seed_and_reuses_the_reference_seed(monkeyp
     def gate(inputs):
         return [GateDecision(i, "safety", "toward", 1.0, {}, {}) for i in range(len(RECORDS))]
 
-    seeds = {0: SeedConditions(gate, np.ones(3, np.float32), lambda rows: None, 5),
+    def reference_gate(inputs):
+        raise AssertionError("the reference seed's probe decisions come from the suite's run")
+
+    seeds = {0: SeedConditions(reference_gate, np.ones(3, np.float32), lambda rows: None, 5),
              1: SeedConditions(gate, np.ones(3, np.float32), lambda rows: None, 6),
              2: SeedConditions(gate, None, lambda rows: None, 4)}  # seed 2: no SAE-space vector
     done = {name: _results(rng.random(len(RECORDS)) < 0.5)
             for name in ("baseline", "conditional_probe", "steer_sae", "ablate")}
-    by_seed, counts = refusal_by_seed(suite, seeds, 0, RECORDS, None, done)
+    reference_decisions = [GateDecision(i, "unsupported", "toward", 1.0, {}, {}) for i in range(len(RECORDS))]
+    by_seed, counts = refusal_by_seed(suite, seeds, 0, RECORDS, None, done, {"conditional_probe": reference_decisions})
     assert sorted(calls) == sorted(["conditional_probe (seed 1)", "conditional_probe (seed 2)",
                                     "condition steer_sae (seed 1)", "condition ablate (seed 1, 6 features)",
                                     "condition ablate (seed 2, 4 features)"])
     assert all(by_seed[c][0] is done[c] for c in ("conditional_probe", "steer_sae", "ablate"))
     assert sorted(by_seed["steer_sae"]) == [0, 1] and sorted(by_seed["ablate"]) == [0, 1, 2]
     assert counts["conditional_probe"][2] == {"toward:safety": len(RECORDS)}
+    assert counts["conditional_probe"][0] == {"toward:unsupported": len(RECORDS)}
 
 
 def test_seed_averaged_cells_are_seed_average_of_the_per_seed_verdicts():
