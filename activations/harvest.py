@@ -26,6 +26,7 @@ from activations.progress import progress_bar
 
 from activations.adapter import ModelAdapter
 from activations.harvest_batches import PromptBatch, prefetched_batches
+from activations.host_staging import HostStaging
 from activations.hooks import capture_residuals
 from activations.model_identity import model_identity, weights_fingerprint  # noqa: F401 (re-exported)
 from activations.model_loading import ModelOptions
@@ -140,7 +141,7 @@ def batch_row_meta(batch: PromptBatch, positions: str) -> tuple[np.ndarray, np.n
 
 def _store_batch(writer: ShardWriter, batch: PromptBatch, rows: Mapping[int, torch.Tensor], positions: str) -> None:
     """Hand a batch's captured rows to the writer in one call (whole prompts, back to back)."""
-    # views, no copy: the writer's row blocks keep the (pinned) host tensors alive until their shard is written
+    # views, no copy: the writer's row blocks keep these host tensors (`HostStaging.take`) until their shard is written
     host = {layer: t.numpy() if t.dtype != torch.int16 else t.numpy().view(np.uint16) for layer, t in rows.items()}
     counts, where, token_ids, kinds = batch_row_meta(batch, positions)
     records = batch.records
@@ -224,11 +225,13 @@ def _run_batches(
     adapter: ModelAdapter, writer: ShardWriter, batches: Any, layers: list[int], positions: str,
     dtype: str, n_prompts: int, progress: bool,
 ) -> None:
-    """Forward each batch and hand its rows to a writer thread, which waits for the batch's
-    device→host copy and buffers them as one block per batch (shards are written by the
-    writer's own background threads). The forward loop never waits for the disk, a copy or a
+    """Forward each batch, copy its rows into a reusable host slot (`HostStaging`: asynchronous from
+    CUDA, no page-locked allocation per batch) and hand them to a writer thread, which waits for the
+    copy, moves the rows out of the slot and buffers them as one block per batch (shards are written
+    by the writer's own background threads). The forward loop never waits for the disk, a copy or a
     checksum unless the writer falls `DRAIN_AHEAD` batches behind."""
-    on_cuda = adapter.device.type == "cuda"
+    # DRAIN_AHEAD batches queued + one being stored + one being filled: the forward loop waits only then
+    staging = HostStaging(DRAIN_AHEAD + 2, pin=adapter.device.type == "cuda")
     bar = progress_bar(total=n_prompts, unit="prompt", desc="harvest", disable=not progress)
     started, done = time.perf_counter(), {"prompts": 0, "tokens": 0}
     handoff: queue.Queue[Any] = queue.Queue(maxsize=DRAIN_AHEAD)
@@ -236,13 +239,12 @@ def _run_batches(
 
     def drain() -> None:
         while (item := handoff.get()) is not None:
+            batch, staged = item
             if failed:
-                continue  # keep taking items so the forward loop never blocks on a dead writer
-            batch, rows, event = item
+                staging.release(staged)
+                continue
             try:
-                if event is not None:
-                    event.synchronize()
-                _store_batch(writer, batch, rows, positions)
+                _store_batch(writer, batch, staging.take(staged), positions)
             except BaseException as error:
                 failed.append(error)
                 continue
@@ -261,12 +263,7 @@ def _run_batches(
             if failed:
                 break
             captured = _capture_batch(adapter, batch, layers, positions, dtype)
-            rows = {layer: t.to("cpu", non_blocking=on_cuda) for layer, t in captured.items()}
-            event = None
-            if on_cuda:
-                event = torch.cuda.Event()
-                event.record()
-            handoff.put((batch, rows, event))
+            handoff.put((batch, staging.stage(captured)))
     finally:
         handoff.put(None)
         thread.join()

@@ -222,3 +222,25 @@ def test_embedded_model_rows_equal_output_hidden_states(embedded, tmp_path: Path
     # SmolLM2 has a few massive residual dimensions (|x| ~ 65, where one float32 ulp is 7.6e-6), so
     # the padded batch may differ from the single-prompt forward by an ulp there: allow 1e-6 relative.
     check_against_reference(model, tokenizer, records, out, [3, 9], "last", rtol=1e-6)
+
+
+def test_a_writer_error_stops_the_harvest_without_hanging(tiny_llama, tmp_path: Path, monkeypatch) -> None:
+    """The writer thread fails on its second batch while the forward loop has more batches than
+    staging slots: the error comes back (every slot is released, so the loop cannot block)."""
+    import activations.harvest as harvest_module
+
+    model, tokenizer = tiny_llama
+    calls = {"n": 0}
+    store_batch = harvest_module._store_batch
+
+    def failing(*args, **kwargs) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (planted)")
+        store_batch(*args, **kwargs)
+
+    monkeypatch.setattr(harvest_module, "_store_batch", failing)
+    with pytest.raises(OSError, match="planted"):
+        harvest(model, tokenizer, make_records(24), [0], tmp_path / "acts", positions="all", batch_size=1,
+                dtype="float32", progress=False)
+    assert calls["n"] == 2  # the writer stopped storing after the error
