@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short-steps", type=int, default=40)
     parser.add_argument("--store", type=Path)
     parser.add_argument("--parts", nargs="+", default=["speed", "equal", "seeds"],
-                        choices=["speed", "equal", "seeds", "profile"],
+                        choices=["speed", "equal", "seeds", "profile", "lp"],
                         help="speed: (a) act/s; equal: (a) short runs' weights (bf16 and float32); seeds: (b); "
+                             "lp: latent_parallel (global batch 2 x --batch) act/s in memory and streaming, and a short "
+                             "float32 run's weights against one GPU; "
                              "profile: 5 profiled steps of one GPU and of DDP (tables under --logs)")
     parser.add_argument("--seed-counts", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--profile-runs", nargs="+", default=["one", "ddp"], choices=["one", "ddp", "sp"])
@@ -131,6 +133,17 @@ def main(argv: list[str] | None = None) -> int:
                 if tag:  # the float32 run's repeat shows the GPU's own run-to-run rounding
                     r[f"one-repeat{tag}"] = run(f"one-repeat{tag}", args, scratch, ["--batch", str(2 * args.batch), *short, *p])
                 r[f"ddp-short{tag}"] = run(f"ddp-short{tag}", args, scratch, [*two, "--batch", b, *short, *p])
+        if "lp" in args.parts:
+            lp = ["--devices", "2", "--strategy", "latent_parallel", "--batch", str(2 * args.batch)]
+            for mode, flag in (("mem", []), ("stream", ["--streaming"])):
+                if f"one-{mode}" not in r:
+                    r[f"one-{mode}"] = run(f"one-{mode}", args, scratch, ["--batch", b, *steps, "--steps", str(args.steps), *flag])
+                r[f"lp-{mode}"] = run(f"lp-{mode}", args, scratch, [*lp, *steps, "--steps", str(args.steps), *flag])
+            r["one2b-mem"] = run("one2b-mem", args, scratch, ["--batch", str(2 * args.batch), *steps, "--steps", str(args.steps)])
+            short = ["--streaming", "--warmup", "0", "--steps", str(args.short_steps), "--precision", "32-true"]
+            if "one-short-fp32" not in r:
+                r["one-short-fp32"] = run("one-short-fp32", args, scratch, ["--batch", str(2 * args.batch), *short])
+            r["lp-short-fp32"] = run("lp-short-fp32", args, scratch, [*lp, *short])
         if "profile" in args.parts:
             for name, extra in (("one-prof", []), ("ddp-prof", two), ("sp-prof", ["--devices", "2", "--strategy", "seed_parallel",
                                                                                      "--seeds", "0", "1"])):
@@ -151,24 +164,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def speed_table(ok: dict[str, dict], two: str, title: str, table: dict) -> bool:
+    """Print one GPU against the `two`-GPU runs (in memory, streaming); False when none ran."""
+    if f"{two}-mem" not in ok and f"{two}-stream" not in ok:
+        return False
+    print(f"{title}\n{'data':<10} {'1 GPU act/s':>11} {'2 GPU act/s':>11} {'speed-up':>8} "
+          f"{'1 GPU ms':>8} {'2 GPU ms':>8} {'start-up s (ranks)':>20} {'SM % (GPUs)':>12}")
+    for mode in ("mem", "stream"):
+        one, many = ok.get(f"one-{mode}"), ok.get(f"{two}-{mode}")
+        if one and many:
+            o, d = one["ranks"][0], many["ranks"][0]
+            table[f"{two}_speedup_{mode}"] = d["act_per_s"] / o["act_per_s"]
+            util = ",".join(f"{v:.0f}" for v in d["gpu_util"].values()) or "-"
+            starts = ",".join(f"{x['process_startup_s']:.1f}" for x in many["ranks"])
+            print(f"{'in memory' if mode == 'mem' else 'streaming':<10} {o['act_per_s']:>11.3g} {d['act_per_s']:>11.3g} "
+                  f"{d['act_per_s'] / o['act_per_s']:>7.2f}x {o['ms_per_step']:>8.2f} {d['ms_per_step']:>8.2f} "
+                  f"{starts:>20} {util:>12}")
+    return True
+
+
 def report(r: dict[str, dict], args: argparse.Namespace) -> None:
     ok = {k: v for k, v in r.items() if not v.get("failed")}
     name = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu_smoke else "cpu (gloo)"
     print(f"\n{name} x2 | {args.rows:,} rows, d {args.d}, {args.d_sae:,} latents, k {args.k}, {args.batch} rows per rank "
           "per step | train_saes, fused path, bf16")
     table: dict = {"runs": {k: v["ranks"] for k, v in ok.items()}}
-    if "one-mem" in ok:
-        print(f"\n(a) DDP, one SAE\n{'data':<10} {'1 GPU act/s':>11} {'2 GPU act/s':>11} {'speed-up':>8} "
-              f"{'1 GPU ms':>8} {'2 GPU ms':>8} {'start-up s (ranks)':>20} {'SM % (GPUs)':>12}")
-        for mode in ("mem", "stream"):
-            one, ddp = ok.get(f"one-{mode}"), ok.get(f"ddp-{mode}")
-            if one and ddp:
-                o, d = one["ranks"][0], ddp["ranks"][0]
-                util = ",".join(f"{v:.0f}" for v in d["gpu_util"].values()) or "-"
-                starts = ",".join(f"{x['process_startup_s']:.1f}" for x in ddp["ranks"])
-                print(f"{'in memory' if mode == 'mem' else 'streaming':<10} {o['act_per_s']:>11.3g} {d['act_per_s']:>11.3g} "
-                      f"{d['act_per_s'] / o['act_per_s']:>7.2f}x {o['ms_per_step']:>8.2f} {d['ms_per_step']:>8.2f} "
-                      f"{starts:>20} {util:>12}")
+    speed_table(ok, "ddp", "\n(a) DDP, one SAE", table)
+    if speed_table(ok, "lp", f"\n(a') latent_parallel, one SAE, global batch {2 * args.batch} (every rank reads it; "
+                               f"each owns {args.d_sae // 2:,} latents)", table):
+        if "one2b-mem" in ok and "lp-mem" in ok:
+            same = ok["lp-mem"]["ranks"][0]["act_per_s"] / ok["one2b-mem"]["ranks"][0]["act_per_s"]
+            table["lp_speedup_same_global_batch"] = same
+            print(f"against one GPU at the same global batch ({2 * args.batch}): {same:.2f}x")
+        if {"one-short-fp32", "lp-short-fp32"} <= set(ok):
+            table["lp_weight_diff_fp32"] = weight_diff(ok["lp-short-fp32"]["out"], ok["one-short-fp32"]["out"], [0])
+            print(f"weights after {args.short_steps} step(s) (float32), latent_parallel 2 GPUs vs 1 GPU, global batch "
+                  f"{2 * args.batch}: max relative difference {table['lp_weight_diff_fp32']:.2e}")
     for tag, precision in (("", "bf16 autocast"), ("-fp32", "float32")):
         if {f"one-short{tag}", f"ddp-short{tag}"} <= set(ok):
             init = scratch_of(ok[f"one-short{tag}"]) / f"init{tag}.safetensors"

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--strategy", default="auto")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--batch", type=int, default=4096, help="rows per rank per step")
+    parser.add_argument("--batch", type=int, default=4096,
+                        help="rows per rank per step (seed_parallel / latent_parallel: the global batch, every rank reads it)")
     parser.add_argument("--streaming", action="store_true")
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--steps", type=int, default=300)
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                       ckpt_every=10**9, log_every_n_steps=50)
     trainer = {"accelerator": "gpu" if gpu else "cpu", "devices": args.devices, "strategy": args.strategy,
                "precision": args.precision if gpu else "32-true"}
-    seed_parallel = args.strategy.startswith("seed_parallel")
-    rows_per_step = args.batch * (1 if seed_parallel else args.devices)
+    replicated = args.strategy.startswith(("seed_parallel", "latent_parallel"))  # every rank reads the whole batch
+    rows_per_step = args.batch * (1 if replicated else args.devices)
     result = timed_train(args.store, 0, args.out, cfg, trainer, args.warmup, args.steps, rows_per_step,
                          dmon_gpus=list(range(args.devices)) if gpu else None, process_start=PROCESS_START,
                          profile_dir=args.profile, init_out=args.init_out)

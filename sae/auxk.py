@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae.kernels.csr import compute_dtype_for
+from sae.kernels.latent_shard import LatentShard, copy_to_shards, gather_columns, reduce_from_shards
 
 
 ALIGN = 64
@@ -63,5 +64,42 @@ def dead_latent_reconstruction(sae: Any, x: Tensor, dead: Tensor) -> tuple[Tenso
             codes = F.relu(pre)
         w_dec = F.pad(sae.weight_rows("W_dec", dead), pad_rows).to(dtype)
         decoded = (codes @ w_dec).to(torch.float32)
+    aux_scale = torch.tensor(min(n_dead / sae.cfg.auxk_k, 1.0), dtype=torch.float32)
+    return sae.unscale_output(decoded), aux_scale
+
+
+def sharded_dead_reconstruction(sae: Any, x: Tensor, dead: Tensor, n_dead: int, shard: LatentShard) -> tuple[Tensor, Tensor]:
+    """Latent-parallel AuxK (`sae/kernels/latent_shard.py`): the same result as
+    `dead_latent_reconstruction` over all shards' dead latents, every rank computing its own.
+
+    Args:
+        dead: `(n,)` this shard's dead latents as local row ids (n may be 0); n_dead: all shards'.
+
+    When more latents are dead than k_aux, each row's k_aux-th largest dead pre-activation over
+    all shards is found from every shard's top k_aux values (one all-gather of `(batch, k_aux)`
+    values), and each shard keeps its own entries at or above it. The shards' decodes are summed.
+    """
+    n_local = dead.shape[0]
+    padded = max(1, -(-n_local // ALIGN)) * ALIGN  # at least one block: every rank runs the same collectives
+    pad_rows = (0, 0, 0, padded - n_local)
+    dtype = compute_dtype_for(x, sae.dtype)
+    x_scaled = sae.scale_input(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        w_enc = F.pad(sae.weight_rows("W_enc_rows", dead), pad_rows).to(dtype)
+        bias = F.pad(sae.b_enc[dead], (0, padded - n_local), value=float("-inf"))
+        if sae.cfg.apply_b_dec_to_input:
+            bias = bias - (w_enc @ copy_to_shards(sae.b_dec).to(dtype)).to(bias.dtype)
+        pre = torch.addmm(bias.to(dtype), x_scaled.to(dtype), w_enc.t())  # (batch, padded)
+        k_aux = min(sae.cfg.auxk_k, n_dead)
+        if k_aux < n_dead:
+            k_local = min(k_aux, padded)
+            top = pre.detach().topk(k_local, dim=-1, sorted=False).values
+            top = F.pad(top, (0, k_aux - k_local), value=float("-inf"))
+            threshold = gather_columns(top, shard.world).topk(k_aux, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+            codes = torch.where(pre >= threshold, F.relu(pre), torch.zeros_like(pre))
+        else:
+            codes = F.relu(pre)
+        w_dec = F.pad(sae.weight_rows("W_dec", dead), pad_rows).to(dtype)
+        decoded = reduce_from_shards((codes @ w_dec).to(torch.float32))
     aux_scale = torch.tensor(min(n_dead / sae.cfg.auxk_k, 1.0), dtype=torch.float32)
     return sae.unscale_output(decoded), aux_scale

@@ -130,14 +130,15 @@ class RunExport(pl.Callback):
         self.print_table = print_table
         self.metrics: dict[str, dict[str, Any]] = {}
 
-    def _check_ranks_agree(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        """Every rank must hold the same weights and latent statistics (a DDP / seed-parallel sanity check)."""
+    def _check_ranks_agree(self, trainer: pl.Trainer, module: pl.LightningModule, saes: list[Any]) -> None:
+        """Every rank must hold the same weights and latent statistics (a DDP / seed- / latent-parallel
+        sanity check; latent-parallel SAEs are gathered, so this compares their replicated b_dec)."""
         if trainer.world_size == 1:
             return
         local = torch.stack([
-            sae.W_dec.detach().double().sum() + sae.W_enc.detach().double().sum()
+            sae.W_dec.detach().double().sum() + sae.W_enc.detach().double().sum() + sae.b_dec.detach().double().sum()
             + tracker.tokens_since_fired.double().sum()
-            for sae, tracker in zip(module.saes, module.trackers)
+            for sae, tracker in zip(saes, module.trackers)
         ])
         gathered = trainer.strategy.all_gather(local)
         if not torch.allclose(gathered, gathered[0:1].expand_as(gathered), rtol=1e-9, atol=0):
@@ -146,13 +147,13 @@ class RunExport(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.monitor.raise_if_bad()
         pl_module.divergence.raise_if_bad(final=True)  # a diverged SAE is never exported
-        pl_module.sync_seed_states()  # seed-parallel: owners' weights to every rank (no-op otherwise)
-        self._check_ranks_agree(trainer, pl_module)
+        saes = pl_module.saes_for_export()  # whole SAEs on every rank (collective)
+        self._check_ranks_agree(trainer, pl_module, saes)
         if trainer.is_global_zero:
-            self.export(trainer, pl_module)
+            self.export(trainer, pl_module, saes)
         trainer.strategy.barrier("sae-export")
 
-    def export(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    def export(self, trainer: pl.Trainer, module: pl.LightningModule, saes: list[Any]) -> None:
         datamodule = trainer.datamodule
         manifest = datamodule.manifest
         model_info = manifest.get("model") or {}
@@ -162,9 +163,9 @@ class RunExport(pl.Callback):
         steps = int(trainer.global_step)
         model_path = str(model_info.get("id", ""))
         model_name = hub_id(model_path) or model_path  # SAELens tools load the model by this name
-        qualities = evaluate_quality(list(module.saes), ActivationStore(datamodule.shards_dir), self.layer, datamodule.data_cfg)
+        qualities = evaluate_quality(saes, ActivationStore(datamodule.shards_dir), self.layer, datamodule.data_cfg)
         rows = datamodule.selection.to_dict() if datamodule.selection is not None else None
-        for seed, sae, tracker, quality in zip(module.seeds, module.saes, module.trackers, qualities):
+        for seed, sae, tracker, quality in zip(module.seeds, saes, module.trackers, qualities):
             n_auxk_dead = int(tracker.dead_mask().sum())
             frequency = quality.pop("firing_frequency")
             record = {**quality, "never_fired_fraction": quality["dead_fraction"],

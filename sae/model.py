@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sae.auxk import dead_latent_reconstruction
+from sae.auxk import dead_latent_reconstruction, sharded_dead_reconstruction
 from sae.config import SAEConfig
 from sae.initialization import geometric_median, input_scale_for
 from sae.kernels.csr import SPARSE_KERNELS, SparseKernels, compute_dtype_for
 from sae.kernels.fused import DeferredGrads, FusedKernels
+from sae.kernels.latent_shard import LatentShard, ShardedKernels
 
 
 class ForwardOutput(NamedTuple):
@@ -93,17 +94,37 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("threshold", torch.zeros(d_sae, device=device, dtype=dtype))
         self.register_buffer("threshold_seen", torch.zeros((), device=device, dtype=torch.bool))
         self.deferred: DeferredGrads | None = None  # set by use_fused_training()
+        self.shard: LatentShard | None = None  # set by shard_latents()
 
     def use_fused_training(self, enabled: bool = True) -> None:
         """Train on the fused path (`sae/kernels/fused.py`): matrix gradients are deferred to `FusedAdam`."""
         self.deferred = DeferredGrads() if enabled else None
 
+    @torch.no_grad()
+    def shard_latents(self, shard: LatentShard) -> None:
+        """Keep only latents `[shard.lo, shard.hi)` of W_enc_rows, b_enc and W_dec (latent-parallel
+        training, `sae/kernels/latent_shard.py`); b_dec and the input scale stay whole (replicated)."""
+        if self.cfg.architecture != "topk":
+            raise ValueError(f"latent_parallel trains topk SAEs only, not {self.cfg.architecture!r}")
+        if shard.total != self.d_sae:
+            raise ValueError(f"latent shard of {shard.total} latents for an SAE of {self.d_sae}")
+        for name in ("W_enc_rows", "b_enc", "W_dec"):
+            setattr(self, name, nn.Parameter(getattr(self, name).detach()[shard.lo:shard.hi].clone()))
+        self.shard = shard
+
     @property
-    def kernels(self) -> SparseKernels | FusedKernels:
+    def kernels(self) -> SparseKernels | FusedKernels | ShardedKernels:
         """The training primitives in use (top-k encode, sparse decode, weight rows): the fused ones
-        while training after `use_fused_training()`, the standard sparse ones otherwise."""
-        if self.deferred is not None and self.training and torch.is_grad_enabled():
-            return FusedKernels(self.deferred)
+        while training after `use_fused_training()` (latent-sharded after `shard_latents()`), the
+        standard sparse ones otherwise."""
+        fused = self.deferred is not None and self.training and torch.is_grad_enabled()
+        if self.shard is not None:
+            if not fused:
+                raise RuntimeError("a latent-sharded SAE only trains (fused path); gather its shards to use it "
+                                   "(sae.latent_parallel.gather_sae)")
+            return ShardedKernels(self.deferred, self.shard)  # type: ignore[arg-type]
+        if fused:
+            return FusedKernels(self.deferred)  # type: ignore[arg-type]
         return SPARSE_KERNELS
 
     def weight_rows(self, name: str, ids: Tensor) -> Tensor:
@@ -239,7 +260,7 @@ class SparseAutoencoder(nn.Module):
         return self.unscale_output(torch.addmm(self.b_dec.to(dtype), z.to(dtype), self.W_dec.to(dtype)))
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, dead_ids: Tensor | None = None,
-                variance: Tensor | None = None) -> ForwardOutput:
+                variance: Tensor | None = None, n_dead: int | None = None) -> ForwardOutput:
         """Encode, decode and score a batch `x (batch, d_in)`.
 
         Args:
@@ -248,6 +269,8 @@ class SparseAutoencoder(nn.Module):
                 with one). With auxk_coeff > 0 the AuxK reconstruction of the residual uses them.
             variance: the FVU denominator (default: the batch's total variance; data-parallel ranks
                 pass the global batch's, `sae.step.ddp_variance`).
+            n_dead: latent-sharded SAE only: the number of dead latents over all shards (`dead_ids`
+                then holds this shard's, as local row ids: `LatentTracker.shard_dead_ids`).
         """
         use_aux = self.cfg.auxk_coeff > 0 and not self._dense_path
         if use_aux and dead_ids is None and dead_mask is not None:
@@ -262,7 +285,10 @@ class SparseAutoencoder(nn.Module):
         target = x.to(torch.float32)
         denominator = total_variance(target) if variance is None else variance
         fvu = F.mse_loss(x_hat.to(torch.float32), target, reduction="sum") / denominator
-        aux = dead_latent_reconstruction(self, x, dead_ids) if use_aux and dead_ids is not None else None
+        aux = None
+        if use_aux and dead_ids is not None:
+            aux = (dead_latent_reconstruction(self, x, dead_ids) if self.shard is None
+                   else sharded_dead_reconstruction(self, x, dead_ids, int(n_dead or 0), self.shard) if n_dead else None)
         aux_x_hat, aux_scale = aux if aux is not None else (None, None)
         return ForwardOutput(x_hat, values, indices, fvu, aux_x_hat, aux_scale, self.d_sae)
 

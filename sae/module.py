@@ -11,7 +11,9 @@ gradients (b_enc, b_dec); on the fused path the matrices' deferred gradient entr
 from every rank instead (`sae/kernels/ddp.py`). Each rank's FVU-type terms use the global batch's
 variance (`sae.step.ddp_variance`), so the update equals one device stepping the global batch; the
 data module gives each rank its own lanes of that batch. With the `seed_parallel`
-strategy (`sae/seed_parallel.py`) each rank instead trains its own seeds on the whole batch.
+strategy (`sae/seed_parallel.py`) each rank instead trains its own seeds on the whole batch; with
+`latent_parallel` (`sae/latent_parallel.py`) each rank trains a slice of every SAE's latents on the
+whole batch.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from torch import Tensor, nn
 
 from sae.config import OptimConfig, SAEConfig, as_config, default_lr
 from sae.divergence import DivergenceMonitor
+from sae.kernels.latent_shard import LatentShard
+from sae.latent_parallel import LatentParallelStrategy, gather_sae, shard_checkpoint_, whole_checkpoint_
 from sae.losses import TERM_NAMES, NonFiniteMonitor, check_finite
 from sae.model import SparseAutoencoder
 from sae.seed_parallel import (
@@ -80,6 +84,7 @@ class SAELightningModule(pl.LightningModule):
         self.saes = nn.ModuleList([SparseAutoencoder(cfg, seed=s) for s in seeds])
         self.trackers = nn.ModuleList([LatentTracker(cfg.num_latents, cfg.dead_tokens_threshold) for _ in seeds])
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._whole_saes: list[SparseAutoencoder] | None = None  # latent-parallel: gathered at the end
         self.monitor = NonFiniteMonitor(seeds)
         self.divergence = DivergenceMonitor(seeds, opt.diverge_factor, opt.diverge_steps)
 
@@ -98,17 +103,26 @@ class SAELightningModule(pl.LightningModule):
                 f"({datamodule.shards_dir})"
             )
         self._decide_fused(self.trainer.strategy.root_device)
+        shard = self.latent_shard()
+        if shard is not None and self.saes[0].shard is None:
+            for sae, tracker in zip(self.saes, self.trackers):
+                sae.shard_latents(shard)
+                tracker.shard_range = (shard.lo, shard.hi)
 
     def _grad_sync(self) -> bool:
         """True under data parallelism (several ranks averaging gradients)."""
         world_size = self.trainer.world_size if self._trainer is not None else 1
-        return world_size > 1 and not self.seed_parallel
+        return world_size > 1 and not self.seed_parallel and not self.latent_parallel
 
     def _decide_fused(self, device: torch.device) -> None:
         if self._fused_decided:
             return
         supported = fused_supported(device, self.cfg.d_in)
         self.fused = supported if self.fused_request is None else bool(self.fused_request)
+        if self.latent_parallel:  # its step exists on the fused path only (torch reference off CUDA)
+            if self.fused_request is False:
+                raise ValueError("latent_parallel trains on the fused path only; leave optim.fused unset or true")
+            self.fused = True
         self._fused_decided = True
         if self.fused and self._grad_sync():  # their gradients are gathered by FusedAdam, not all-reduced by DDP
             self._ddp_params_and_buffers_to_ignore = [
@@ -140,6 +154,34 @@ class SAELightningModule(pl.LightningModule):
         """True under the seed_parallel strategy: this rank trains only `owned()` seeds."""
         return self._trainer is not None and isinstance(self.trainer.strategy, SeedParallelStrategy)
 
+    @property
+    def latent_parallel(self) -> bool:
+        """True under the latent_parallel strategy: this rank trains a slice of every SAE's latents."""
+        return self._trainer is not None and isinstance(self.trainer.strategy, LatentParallelStrategy)
+
+    def latent_shard(self) -> LatentShard | None:
+        """This rank's latents under latent_parallel (None otherwise)."""
+        if not self.latent_parallel:
+            return None
+        return LatentShard(self.trainer.global_rank, self.trainer.world_size, self.cfg.num_latents)
+
+    def saes_for_export(self) -> list[Any]:
+        """Whole SAEs to score and export (collective: every rank calls it). Latent-parallel: gathered
+        from every rank's shard; seed-parallel: each seed copied from its owner; else the SAEs."""
+        self.sync_seed_states()
+        if self._whole_saes is None:
+            self._whole_saes = [gather_sae(sae) for sae in self.saes]
+        return self._whole_saes
+
+    def on_train_end(self) -> None:
+        """Latent-parallel: hold the whole SAEs from now on (after every callback's end-of-run
+        checkpoint and export), so the module's state_dict is a one-device run's (a fork / spawn
+        launcher copies rank 0's into the parent process)."""
+        if self.saes[0].shard is not None:
+            self.saes = nn.ModuleList(self.saes_for_export())
+            for tracker in self.trackers:
+                tracker.shard_range = None
+
     def owned(self) -> list[int]:
         """Indices of the seeds this process trains (all of them unless seed-parallel)."""
         if not self.seed_parallel:
@@ -156,6 +198,9 @@ class SAELightningModule(pl.LightningModule):
         """The divergence streaks; seed-parallel checkpoints hold every seed's weights and optimizer
         state (all ranks call this)."""
         checkpoint[DIVERGENCE_KEY] = self.divergence.state_dict()
+        shard = self.saes[0].shard
+        if shard is not None:  # whole weights and moments, as a one-device run writes them
+            whole_checkpoint_(checkpoint, list(self.saes), shard)
         if self.seed_parallel and self.trainer.world_size > 1:
             self.sync_seed_states()  # in place: the dumped state_dict shares these tensors
             checkpoint[OPTIMIZER_KEY] = gather_optimizer_states(
@@ -165,6 +210,9 @@ class SAELightningModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the divergence streaks; give this rank's optimizer the saved states of the seeds it owns."""
         self.divergence.load_state_dict(checkpoint.get(DIVERGENCE_KEY) or {}, self.device)
+        shard = self.saes[0].shard
+        if shard is not None:
+            shard_checkpoint_(checkpoint, list(self.saes), shard)
         if OPTIMIZER_KEY in checkpoint and checkpoint.get("optimizer_states"):
             checkpoint["optimizer_states"] = [optimizer_state_for_rank(
                 checkpoint[OPTIMIZER_KEY], checkpoint["optimizer_states"][0], list(self.saes), self.owned(), self.seeds
@@ -196,7 +244,7 @@ class SAELightningModule(pl.LightningModule):
     def _all_reduce(self) -> Any:
         """Sum over data-parallel ranks, queued on the stream (Lightning's `strategy.reduce` adds a
         barrier, a host sync, before every reduction); None on one rank."""
-        if self._trainer is None or self.trainer.world_size == 1 or self.seed_parallel:
+        if self._trainer is None or self.trainer.world_size == 1 or self.seed_parallel or self.latent_parallel:
             return None
         return all_reduce_sum
 

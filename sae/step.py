@@ -36,8 +36,14 @@ def seed_step_loss(
     data-parallel ranks pass `ddp_variance`).
     """
     # AuxK only while some latent is dead: with none its term and gradient are exactly 0
-    dead = tracker.dead_ids() if cfg.auxk_coeff > 0 else None
-    out = sae(x, dead_ids=dead, variance=variance) if dead is not None and dead.numel() > 0 else sae(x, variance=variance)
+    dead, n_dead = None, 0
+    if cfg.auxk_coeff > 0:
+        if sae.shard is not None:  # latent-parallel: this shard's dead latents, and how many are dead in all
+            dead, n_dead = tracker.shard_dead_ids()
+        else:
+            dead = tracker.dead_ids()
+            n_dead = dead.shape[0]
+    out = sae(x, dead_ids=dead, variance=variance, n_dead=n_dead) if n_dead > 0 else sae(x, variance=variance)
     terms = compute_loss_terms(x, out, cfg, labels, variance)
     tracker.update(out.latent_values.detach(), out.latent_indices, all_reduce)
     return terms, out

@@ -36,6 +36,8 @@ class LatentTracker(nn.Module):
         self.register_buffer("window_tokens", torch.zeros((), dtype=torch.int64))
         self._dead_count: tuple[Tensor, torch.cuda.Event | None, int] | None = None  # see dead_ids()
         self._count_dead = False  # set by the first dead_ids() call: updates then count the dead latents
+        self.shard_range: tuple[int, int] | None = None
+        """Latent-parallel: the latents `[lo, hi)` this rank owns (`shard_dead_ids` counts them too)."""
 
     @torch.no_grad()
     def update(
@@ -62,10 +64,13 @@ class LatentTracker(nn.Module):
 
     def _start_dead_count(self) -> None:
         """Count the dead latents and start copying the count to the host (asynchronous on CUDA)."""
-        count = self.dead_mask().sum()
+        mask = self.dead_mask()
+        count = mask.sum()
+        if self.shard_range is not None:  # (all, this shard's): both sized without a sync
+            count = torch.stack([count, mask[self.shard_range[0]:self.shard_range[1]].sum()])
         event = None
         if count.device.type == "cuda":
-            host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            host = torch.empty(count.shape, dtype=torch.int64, pin_memory=True)
             host.copy_(count, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
@@ -82,6 +87,21 @@ class LatentTracker(nn.Module):
         and optimizer queued) and sizes the ids. On the first call, and after a checkpoint load, the
         count is read once with a sync.
         """
+        counts = self._host_dead_counts()
+        return torch.nonzero_static(self.dead_mask(), size=counts[0]).squeeze(1)
+
+    @torch.no_grad()
+    def shard_dead_ids(self) -> tuple[Tensor, int]:
+        """Latent-parallel (`shard_range` set): `(this shard's dead latents as local row ids (n,),
+        the number dead over all shards)`, without a host sync on CUDA (as `dead_ids`)."""
+        if self.shard_range is None:
+            raise RuntimeError("shard_dead_ids needs the tracker's shard_range")
+        counts = self._host_dead_counts()
+        lo, hi = self.shard_range
+        return torch.nonzero_static(self.dead_mask()[lo:hi], size=counts[1]).squeeze(1), counts[0]
+
+    def _host_dead_counts(self) -> list[int]:
+        """The dead counts `update()` started copying to the host ([all] or [all, this shard's])."""
         self._count_dead = True
         known = self._dead_count
         if known is None or known[2] != self.tokens_since_fired._version:  # first call, or loaded
@@ -91,7 +111,7 @@ class LatentTracker(nn.Module):
         host, event, _ = known
         if event is not None:
             event.synchronize()
-        return torch.nonzero_static(self.dead_mask(), size=int(host)).squeeze(1)
+        return [int(c) for c in host.reshape(-1).tolist()]
 
     def dead_mask(self) -> Tensor:
         """`(d_sae,)` bool: latents that have not fired for `dead_tokens_threshold` rows."""

@@ -3,7 +3,7 @@
     refusal-sae train -c configs/sae/smollm2.yaml --train.seeds 0 1 2 --train.steps 500
     refusal-sae train -c configs/sae/smollm2.yaml --ckpt_path fresh      # discard OUT's run, start again
     refusal-sae train --acts checkpoints/acts --layer 10 --out checkpoints/sae --trainer.devices 2 \
-        --trainer.strategy seed_parallel
+        --trainer.strategy seed_parallel      # one seed per GPU; latent_parallel: each SAE's latents split
 
 Every field of `sae.config.TrainConfig` is a flag under `--train.` (`--train.sae.k 64`,
 `--train.optim.lr 1e-4`, `--train.data.batch_size 4096`) and a key of the pipeline's `train:`

@@ -85,6 +85,8 @@ class DeferredGrads:
     """name → (copy, param._version, param.data_ptr()) at the time the copy was made."""
     sorts: list[tuple[Tensor, LatentSort]] = field(default_factory=list)
     """Latent sorts of this step's index tensors (the decoder and encoder backward share one)."""
+    shard_ids: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    """Latent-parallel: this step's (global indices, this shard's row ids) pairs (`sae/kernels/latent_shard.py`)."""
 
     def latent_sort(self, indices: Tensor, d_sae: int) -> LatentSort:
         """`LatentSort.of(indices, d_sae)`, computed once per index tensor until `clear()`."""
@@ -104,6 +106,7 @@ class DeferredGrads:
     def clear(self) -> None:
         self.terms.clear()
         self.sorts.clear()
+        self.shard_ids.clear()
 
     def compute_weight(self, name: str, param: Tensor, dtype: torch.dtype) -> Tensor:
         """`param` in `dtype` for the forward: a cached copy, remade whenever the parameter changed
@@ -154,8 +157,9 @@ def merge_dense_terms(terms: list[DenseRowsTerm]) -> DenseRowsTerm:
 def term_gradient(term: RowGradTerm, rows: int) -> Tensor:
     """Reference: the dense float32 `(rows, d)` gradient a term stands for."""
     row_of_entry = rows_of_entries(term.crow, term.coef.shape[0])
+    coef = torch.where(row_of_entry < rows, term.coef, 0.0)  # entries past crow[-1] (another shard's) add nothing
     grad = torch.zeros(rows, term.source.shape[1], device=term.source.device, dtype=torch.float32)
-    return grad.index_add_(0, row_of_entry, term.coef[:, None] * term.source.to(torch.float32)[term.src])
+    return grad.index_add_(0, row_of_entry.clamp_max(rows - 1), coef[:, None] * term.source.to(torch.float32)[term.src])
 
 
 def _use_triton(t: Tensor) -> bool:
@@ -185,15 +189,23 @@ class _FusedTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g_values: Tensor, _g_indices: Any) -> tuple[Any, ...]:  # type: ignore[override]
         x_in, w_rows, indices = ctx.saved_tensors
-        d_sae = w_rows.shape[0]
-        g32 = g_values.to(torch.float32)
-        grad_b_enc = torch.zeros(d_sae, device=x_in.device, dtype=torch.float32)
-        grad_b_enc.index_add_(0, indices.reshape(-1), g32.reshape(-1))
-        ctx.store.add("W_enc_rows", ctx.store.latent_sort(indices, d_sae).term(g32, x_in))
-        grad_b_dec = None
-        if ctx.subtract_b_dec and ctx.needs_input_grad[1]:  # d(x - b_dec)/d b_dec: minus the summed input grads
-            grad_b_dec = -(grad_b_enc.to(w_rows.dtype) @ w_rows).to(ctx.b_dtypes[0])
-        return None, grad_b_dec, grad_b_enc.to(ctx.b_dtypes[1]), None, None, None, None
+        grad_b_dec, grad_b_enc = encoder_backward(ctx, x_in, w_rows, indices, g_values.to(torch.float32))
+        return None, grad_b_dec, grad_b_enc, None, None, None, None
+
+
+def encoder_backward(ctx: Any, x_in: Tensor, w_rows: Tensor, ids: Tensor, g32: Tensor) -> tuple[Tensor | None, Tensor]:
+    """The top-k encoder's backward: defers W_enc_rows' gradient to `ctx.store` and returns
+    `(grad_b_dec or None, grad_b_enc)` for the selected `(batch, n)` latents `ids` with float32 value
+    grads `g32`. An id equal to the row count (a latent-parallel sentinel: another shard's entry, its
+    g32 zero) is sorted past the last row and adds nothing."""
+    rows = w_rows.shape[0]
+    grad_b_enc = torch.zeros(rows + 1, device=x_in.device, dtype=torch.float32)
+    grad_b_enc = grad_b_enc.index_add_(0, ids.reshape(-1), g32.reshape(-1))[:rows]
+    ctx.store.add("W_enc_rows", ctx.store.latent_sort(ids, rows).term(g32, x_in))
+    grad_b_dec = None
+    if ctx.subtract_b_dec and ctx.needs_input_grad[1]:  # d(x - b_dec)/d b_dec: minus the summed input grads
+        grad_b_dec = -(grad_b_enc.to(w_rows.dtype) @ w_rows).to(ctx.b_dtypes[0])
+    return grad_b_dec, grad_b_enc.to(ctx.b_dtypes[1])
 
 
 class _DeferredRows(torch.autograd.Function):
