@@ -108,8 +108,8 @@ def _capture_batch(
     """
     device = adapter.device
     token_index = None
-    if positions == "all":
-        token_index = batch.attention_mask.reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
+    if positions == "all":  # computed (and page-locked, on a GPU) by the batch's worker thread
+        token_index = batch.token_index.to(device, non_blocking=True)
 
     def rows(hidden: torch.Tensor) -> torch.Tensor:
         picked = hidden[:, -1, :] if token_index is None else hidden.reshape(-1, hidden.shape[-1]).index_select(0, token_index)
@@ -208,7 +208,8 @@ def harvest(
     todo = [r for r in records if r.id not in writer.stored_prompt_ids]
     with writer, torch.inference_mode():
         if todo:
-            batches = prefetched_batches(tokenizer, todo, batch_size, chat_template, max_length)
+            batches = prefetched_batches(tokenizer, todo, batch_size, chat_template, max_length,
+                                         pin_memory=adapter.device.type == "cuda")
             try:
                 _run_batches(adapter, writer, batches, layers, positions, dtype, len(todo), progress)
             finally:

@@ -7,8 +7,11 @@ kind, `activations.positions`), sorted by token length
 neighbours, which keeps padding small.
 
 `prefetched_batches` overlaps tokenisation with the model: prompts are ordered by character
-length, cut into chunks that double in size, and each chunk is tokenised on a worker thread while
-the previous chunk's batches run; within a chunk, batches are sorted by exact token length.
+length, cut into chunks that double in size, and each chunk is tokenised *and made into batches* on a
+worker thread while the previous chunk's batches run; within a chunk, batches are sorted by exact
+token length. With `pin_memory` the batches' tensors are page-locked there too, so copying them to a
+GPU is asynchronous: from pageable memory every host→device copy first waits for the GPU to finish
+the work already queued, and the forward loop could not queue a batch while the previous one runs.
 """
 from __future__ import annotations
 
@@ -44,6 +47,22 @@ class PromptBatch:
     def n_tokens(self) -> int:
         """Real (non-pad) tokens in the batch."""
         return int(sum(self.lengths))
+
+    @property
+    def token_index(self) -> torch.Tensor:
+        """`(n_tokens,)` int64 flat positions of the real tokens in `(batch * seq)`, row-major
+        (computed once; page-locked by `pinned()`)."""
+        cached = self.__dict__.get("_token_index")
+        if cached is None:
+            cached = self.__dict__["_token_index"] = self.attention_mask.reshape(-1).nonzero().squeeze(1)
+        return cached
+
+    def pinned(self) -> "PromptBatch":
+        """This batch with its tensors (and the token index) in page-locked memory (needs CUDA)."""
+        batch = PromptBatch(self.records, self.input_ids.pin_memory(), self.attention_mask.pin_memory(),
+                            self.position_ids.pin_memory(), self.lengths, self.kinds)
+        batch.__dict__["_token_index"] = self.token_index.pin_memory()
+        return batch
 
 
 def tokenize_with_kinds(
@@ -111,11 +130,13 @@ def prefetched_batches(
     chat_template: bool = True,
     max_length: int | None = None,
     first_chunk: int | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[PromptBatch]:
-    """Length-bucketed batches whose tokenisation runs one chunk ahead on a worker thread.
+    """Length-bucketed batches whose tokenisation and batching run one chunk ahead on a worker thread.
 
     Chunks hold `first_chunk` (default 4 batches) prompts, then twice as many each time, taken
-    longest-first by character length. Only one thread uses the tokenizer at a time.
+    longest-first by character length. Only one thread uses the tokenizer at a time. `pin_memory`:
+    page-locked tensors (for asynchronous copies to a GPU; needs CUDA).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -125,13 +146,17 @@ def prefetched_batches(
     while by_chars:
         chunks.append(by_chars[:size])
         by_chars, size = by_chars[size:], size * 2
+    def make(chunk: list[PromptRecord]) -> list[PromptBatch]:
+        token_ids, kinds = tokenize_with_kinds(tokenizer, chunk, chat_template, max_length)
+        batches = length_bucketed_batches(chunk, token_ids, batch_size, tokenizer.pad_token_id, kinds)
+        return [b.pinned() if pin_memory else b for b in batches]
+
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
     try:
-        pending = pool.submit(tokenize_with_kinds, tokenizer, chunks[0], chat_template, max_length) if chunks else None
-        for index, chunk in enumerate(chunks):
-            token_ids, kinds = pending.result()
-            later = index + 1 < len(chunks)
-            pending = pool.submit(tokenize_with_kinds, tokenizer, chunks[index + 1], chat_template, max_length) if later else None
-            yield from length_bucketed_batches(chunk, token_ids, batch_size, tokenizer.pad_token_id, kinds)
+        pending = pool.submit(make, chunks[0]) if chunks else None
+        for index in range(len(chunks)):
+            ready = pending.result()
+            pending = pool.submit(make, chunks[index + 1]) if index + 1 < len(chunks) else None
+            yield from ready
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

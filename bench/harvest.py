@@ -115,7 +115,8 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
     """Time full / truncated / harvest for one layer; returns one table row."""
     adapter = ModelAdapter(model)
     device = adapter.device
-    batches = list(prefetched_batches(tokenizer, records, args.batch_size, True, args.max_length))  # as harvest makes them
+    batches = list(prefetched_batches(tokenizer, records, args.batch_size, True, args.max_length,  # as harvest makes them
+                                      pin_memory=device.type == "cuda"))
     n_tokens = sum(b.n_tokens for b in batches)
 
     @torch.inference_mode()

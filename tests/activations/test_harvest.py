@@ -106,6 +106,21 @@ def test_prefetched_batches_cover_every_prompt_once(tiny_llama) -> None:
         expected = encode_prompts(tokenizer, [r.text for r in b.records], max_length=40)
         assert torch.equal(b.input_ids, expected["input_ids"]) and b.lengths == sorted(b.lengths, reverse=True)
         assert torch.equal(b.position_ids[b.attention_mask == 1], torch.cat([torch.arange(n) for n in b.lengths]))
+        # the real tokens' flat positions, row-major: each row's last `length` columns
+        seq = b.input_ids.shape[1]
+        want = torch.cat([torch.arange(i * seq + seq - n, (i + 1) * seq) for i, n in enumerate(b.lengths)])
+        assert torch.equal(b.token_index, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pinned_batches_hold_the_same_tensors(tiny_llama) -> None:
+    _, tokenizer = tiny_llama
+    records = make_records(9)
+    plain = list(prefetched_batches(tokenizer, records, batch_size=3))
+    pinned = list(prefetched_batches(tokenizer, records, batch_size=3, pin_memory=True))
+    for a, b in zip(plain, pinned):
+        assert b.input_ids.is_pinned() and b.token_index.is_pinned()
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.token_index, b.token_index)
 
 
 def test_forward_stops_after_deepest_layer(tiny_llama, tmp_path: Path) -> None:
