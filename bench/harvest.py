@@ -26,7 +26,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -158,8 +159,12 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
     truncated()
     clear()
     harvest_run()  # warm-ups
-    pairs = [(median_time(truncated, device, 1, warmup=0), median_time(harvest_run, device, 1, warmup=0, prepare=clear))
-             for _ in range(args.repeats)]
+    pairs, unpinned = [], []
+    for _ in range(args.repeats):
+        pairs.append((median_time(truncated, device, 1, warmup=0), median_time(harvest_run, device, 1, warmup=0, prepare=clear)))
+        if args.compare_unpinned:  # the same harvest with pageable batches, right after (A/B in one process)
+            with unpinned_batches():
+                unpinned.append(pairs[-1][0] / median_time(harvest_run, device, 1, warmup=0, prepare=clear))
     t_trunc, t_harvest = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
     target = (layer + 1) / adapter.num_layers * 1.15
     if args.positions == "last":
@@ -171,7 +176,21 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
         "harvest_prompts_s": len(records) / t_harvest, "harvest_tok_s": n_tokens / t_harvest,
         "full_prompts_s": len(records) / t_full, "full_tok_s": n_tokens / t_full,
         "ratio_full": t_harvest / t_full, "target": target, "ratio_trunc": statistics.median(a / b for a, b in pairs),
+        "ratio_trunc_all": [a / b for a, b in pairs], "ratio_trunc_unpinned": unpinned,
     }
+
+
+@contextmanager
+def unpinned_batches() -> Iterator[None]:
+    """Within the block the harvest makes pageable (not page-locked) batches."""
+    import activations.harvest as harvest_module
+
+    original = harvest_module.prefetched_batches
+    harvest_module.prefetched_batches = lambda *a, **k: original(*a, **{**k, "pin_memory": False})
+    try:
+        yield
+    finally:
+        harvest_module.prefetched_batches = original
 
 
 def breakdown(model, tokenizer, records, layer: int, args: argparse.Namespace, scratch: Path) -> dict:
@@ -288,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="first print a cProfile of one harvest")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the first layer's harvest without fsync/sha256 and without the store")
+    parser.add_argument("--compare-unpinned", action="store_true",
+                        help="also time each repeat's harvest with pageable batches (A/B in the same process)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, a few prompts, 2 repeats")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -310,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print_table(label, name, args, rows)
+    for row in rows:
+        line = f"layer {row['layer']}: harv/trunc per repeat " + " ".join(f"{r:.3f}" for r in row["ratio_trunc_all"])
+        if row["ratio_trunc_unpinned"]:
+            line += " | with pageable batches " + " ".join(f"{r:.3f}" for r in row["ratio_trunc_unpinned"])
+            line += f" (median {statistics.median(row['ratio_trunc_unpinned']):.3f})"
+        print(line)
     if parts:
         trunc = rows[0]["trunc_s"]
         print(f"layer {args.layers[0]} breakdown (s): truncated forward {trunc:.3f} | "

@@ -55,6 +55,20 @@ def peer_merge(values: torch.Tensor, ids: torch.Tensor, k: int, world: int) -> t
     return top, selected
 
 
+def profile_steps(name: str, trainer: BareTrainer, x: torch.Tensor, device: torch.device) -> None:
+    """Print the kernels of 3 steps (device time per step)."""
+    activities = [torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            trainer.step(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 3 / 1000
+    print(f"\n{name}: GPU kernels {busy:.2f} ms per step")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                                    row_limit=25, max_name_column_width=90))
+
+
 def trainer_for(d_in: int, d_sae: int, k: int, device: torch.device, shard: LatentShard | None) -> BareTrainer:
     """A one-seed fused BareTrainer; with `shard`, its SAE keeps only that shard's latents."""
     cfg = SAEConfig(d_in=d_in, d_sae=d_sae, k=k, auxk_coeff=1 / 32)
@@ -77,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--link-gbps", type=float, default=192.0, help="GB/s a rank receives over the GPU link")
+    parser.add_argument("--profile", action="store_true", help="also print the kernels of 3 profiled steps of each run")
     parser.add_argument("--cpu-smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
@@ -109,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             latent_shard.merge_candidates = peer_merge
         try:
             ms[name] = time_ms(lambda: trainer.step(x), args.steps, args.warmup, device)
+            if args.profile:
+                profile_steps(name, trainer, x, device)
         finally:
             latent_shard.merge_candidates = merge
         del trainer, x
