@@ -107,16 +107,26 @@ if triton is not None:
                 taken_equal += tl.sum(equal.to(tl.int32), axis=0)
 
 CHUNK = 128
-"""Columns per chunk whose maximum is a candidate."""
+"""Columns per chunk whose maximum is a candidate (halved, down to MIN_CHUNK, for narrower rows)."""
+MIN_CHUNK = 32
 TILE_CHUNKS = 64
 """Chunks per program of the maxima pass."""
 
 
+def chunk_for(n: int, k: int) -> int | None:
+    """The widest chunk (CHUNK, halved down to MIN_CHUNK) giving at least 8k chunk maxima per row,
+    which keeps the threshold close to the k-th value; None when even MIN_CHUNK gives fewer (e.g. a
+    latent-parallel shard of 32,768 latents with k 64 takes chunks of 64)."""
+    chunk = CHUNK
+    while n // chunk < 8 * k and chunk > MIN_CHUNK:
+        chunk //= 2
+    return chunk if n // chunk >= 8 * k else None
+
+
 def supported(x: Tensor, k: int) -> bool:
     """Whether `filtered_topk` takes the filter path for `x (batch, n)` (else it calls torch.topk)."""
-    n = x.shape[-1]
     return (available(x.device) and x.ndim == 2 and x.dtype in (torch.bfloat16, torch.float16)
-            and n // CHUNK >= 8 * k)
+            and chunk_for(x.shape[-1], k) is not None)
 
 
 def filtered_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -125,10 +135,11 @@ def filtered_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return x.topk(k, dim=-1, sorted=False)
     x = x.contiguous()
     batch, n = x.shape
-    n_chunks = triton.cdiv(n, CHUNK)
+    chunk = chunk_for(n, k)
+    n_chunks = triton.cdiv(n, chunk)
     candidates = torch.empty(batch, n_chunks, device=x.device, dtype=torch.float32)
     grid = (batch, triton.cdiv(n_chunks, TILE_CHUNKS))
-    _chunk_max_kernel[grid](x, candidates, n, n_chunks, CHUNK=CHUNK, ROWS=TILE_CHUNKS, num_warps=8)
+    _chunk_max_kernel[grid](x, candidates, n, n_chunks, CHUNK=chunk, ROWS=TILE_CHUNKS, num_warps=8)
     threshold = candidates.topk(k, dim=-1, sorted=False).values.amin(dim=-1)  # (batch,)
     capacity = 4 * k
     buf_values = torch.full((batch, capacity), float("-inf"), device=x.device, dtype=x.dtype)
@@ -137,7 +148,7 @@ def filtered_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     n_chunks_pow2 = triton.next_power_of_2(n_chunks)
     chunk_list = torch.empty(batch, n_chunks_pow2, device=x.device, dtype=torch.int32)
     _select_kernel[(batch,)](x, candidates, threshold, chunk_list, buf_values, buf_indices, counts, n, n_chunks,
-                             capacity, CHUNK=CHUNK, N_CHUNKS=n_chunks_pow2, num_warps=4)
+                             capacity, CHUNK=chunk, N_CHUNKS=n_chunks_pow2, num_warps=4)
     values, slots = buf_values.topk(k, dim=-1, sorted=False)
     indices = buf_indices.gather(1, slots)
     # rows with more than `capacity` entries at or above t (many ties): redone exactly on the device,

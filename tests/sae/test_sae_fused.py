@@ -217,8 +217,10 @@ def test_triton_kernels_match_the_torch_reference() -> None:
 
 
 @pytest.mark.skipif(_kernel_device() is None, reason="needs Triton on a CUDA device (or TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_filtered_topk_is_exact_with_ties_clusters_and_overflow(dtype: torch.dtype, monkeypatch) -> None:
+@pytest.mark.parametrize("dtype,width", [(torch.bfloat16, 20000), (torch.float16, 20000), (torch.bfloat16, 4000)])
+def test_filtered_topk_is_exact_with_ties_clusters_and_overflow(dtype: torch.dtype, width: int, monkeypatch) -> None:
+    """20000 columns: chunks of 128 with a partial last chunk; 4000: chunks of 32 (a narrow row, as a
+    latent-parallel shard's)."""
     from sae.kernels import topk_filter
 
     device = _kernel_device()
@@ -226,7 +228,7 @@ def test_filtered_topk_is_exact_with_ties_clusters_and_overflow(dtype: torch.dty
         monkeypatch.setattr(topk_filter, "available", lambda _device: True)
     g = torch.Generator(device).manual_seed(1)
     k = 16
-    x = torch.randn(6, 20000, device=device, generator=g).to(dtype)  # 20000: a partial last chunk
+    x = torch.randn(6, width, device=device, generator=g).to(dtype)
     x[0, :3000] = 5.0  # 3000 ties above everything else: the buffer overflows, the repair kernel runs
     x[1, 100:140] = 9.0  # the row's top k all in one chunk: a loose threshold
     x[2] = 0.0  # all equal
@@ -237,3 +239,11 @@ def test_filtered_topk_is_exact_with_ties_clusters_and_overflow(dtype: torch.dty
     assert torch.equal(x.gather(1, indices), values)
     assert all(len(set(row.tolist())) == k for row in indices.cpu())
     assert not topk_filter.supported(x.float(), k)  # float32 rows go to torch.topk
+    assert topk_filter.chunk_for(width, k) == (128 if width == 20000 else 32)
+
+
+def test_filter_chunks_shrink_for_narrow_rows() -> None:
+    from sae.kernels.topk_filter import chunk_for
+
+    assert chunk_for(65536, 64) == 128 and chunk_for(32768, 64) == 64 and chunk_for(16384, 64) == 32
+    assert chunk_for(8192, 64) is None  # fewer than 8k maxima even with chunks of 32: torch.topk
