@@ -159,12 +159,13 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
     truncated()
     clear()
     harvest_run()  # warm-ups
-    pairs, unpinned = [], []
+    pairs: list[tuple[float, float]] = []
+    variants: dict[str, list[float]] = {name: [] for name in args.compare}
     for _ in range(args.repeats):
         pairs.append((median_time(truncated, device, 1, warmup=0), median_time(harvest_run, device, 1, warmup=0, prepare=clear)))
-        if args.compare_unpinned:  # the same harvest with pageable batches, right after (A/B in one process)
-            with unpinned_batches():
-                unpinned.append(pairs[-1][0] / median_time(harvest_run, device, 1, warmup=0, prepare=clear))
+        for name in args.compare:  # the same harvest with one setting changed, right after (A/B in one process)
+            with batches_made(**VARIANTS[name]):
+                variants[name].append(pairs[-1][0] / median_time(harvest_run, device, 1, warmup=0, prepare=clear))
     t_trunc, t_harvest = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
     target = (layer + 1) / adapter.num_layers * 1.15
     if args.positions == "last":
@@ -176,17 +177,21 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
         "harvest_prompts_s": len(records) / t_harvest, "harvest_tok_s": n_tokens / t_harvest,
         "full_prompts_s": len(records) / t_full, "full_tok_s": n_tokens / t_full,
         "ratio_full": t_harvest / t_full, "target": target, "ratio_trunc": statistics.median(a / b for a, b in pairs),
-        "ratio_trunc_all": [a / b for a, b in pairs], "ratio_trunc_unpinned": unpinned,
+        "ratio_trunc_all": [a / b for a, b in pairs], "ratio_trunc_variants": variants,
     }
 
 
+VARIANTS = {"pageable": {"pin_memory": False}, "thread": {"worker": "thread"}}
+"""--compare: the harvest's batches made another way (pageable memory; tokenised on a thread, not a process)."""
+
+
 @contextmanager
-def unpinned_batches() -> Iterator[None]:
-    """Within the block the harvest makes pageable (not page-locked) batches."""
+def batches_made(**settings: object) -> Iterator[None]:
+    """Within the block the harvest's `prefetched_batches` gets `settings`."""
     import activations.harvest as harvest_module
 
     original = harvest_module.prefetched_batches
-    harvest_module.prefetched_batches = lambda *a, **k: original(*a, **{**k, "pin_memory": False})
+    harvest_module.prefetched_batches = lambda *a, **k: original(*a, **{**k, **settings})
     try:
         yield
     finally:
@@ -249,6 +254,104 @@ def breakdown(model, tokenizer, records, layer: int, args: argparse.Namespace, s
     return times
 
 
+def diagnose(model, tokenizer, records, layer: int, args: argparse.Namespace, scratch: Path) -> None:
+    """Where a harvest's wall time goes at `layer`: the forward loop's own time split (waiting for the
+    next batch from the tokenizer thread, launching the truncated forward and the capture, staging the
+    rows, the rest: hand-off and waiting for the writer), and the GPU's busy time (union of kernel and
+    copy intervals, torch.profiler) against the wall time, for the truncated forward and the harvest."""
+    import activations.harvest as harvest_module
+    from activations.host_staging import HostStaging
+
+    device = ModelAdapter(model).device
+    spent = {"next batch": 0.0, "forward + capture": 0.0, "staging": 0.0}
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - start
+        return wrapper
+
+    def timed_batches(*a, **k) -> Iterator:
+        batches = original_batches(*a, **k)
+        try:
+            while True:
+                start = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                finally:
+                    spent["next batch"] += time.perf_counter() - start
+                yield batch
+        finally:
+            batches.close()
+
+    out = scratch / "diagnose"
+
+    def run() -> None:
+        harvest(model, tokenizer, records, [layer], out, positions=args.positions, batch_size=args.batch_size,
+                max_length=args.max_length, dtype=args.dtype, progress=False, rows_per_shard=args.rows_per_shard)
+
+    original_batches, capture, stage, loop = (harvest_module.prefetched_batches, harvest_module._capture_batch,
+                                              HostStaging.stage, harvest_module._run_batches)
+    loop_time: list[float] = []
+    harvest_module.prefetched_batches = timed_batches
+    harvest_module._capture_batch = timed("forward + capture", capture)
+    HostStaging.stage = timed("staging", stage)
+
+    def timed_loop(*a, **k) -> None:
+        start = time.perf_counter()
+        try:
+            loop(*a, **k)
+        finally:
+            loop_time.append(time.perf_counter() - start)
+
+    harvest_module._run_batches = timed_loop
+    try:
+        shutil.rmtree(out, ignore_errors=True)
+        run()  # warm
+        shutil.rmtree(out, ignore_errors=True)
+        spent.update({k: 0.0 for k in spent})
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
+        wall = time.perf_counter() - start
+    finally:
+        harvest_module.prefetched_batches, harvest_module._capture_batch = original_batches, capture
+        HostStaging.stage, harvest_module._run_batches = stage, loop
+    rest = loop_time[-1] - sum(spent.values())
+    print(f"\nlayer {layer} harvest {wall:.3f} s, forward loop {loop_time[-1]:.3f} s: "
+          + " | ".join(f"{k} {v:.3f}" for k, v in spent.items()) + f" | hand-off and the rest {rest:.3f}")
+    if device.type != "cuda":
+        return
+    batches = list(prefetched_batches(tokenizer, records, args.batch_size, True, args.max_length, pin_memory=True))
+
+    @torch.inference_mode()
+    def truncated() -> None:
+        for b in batches:
+            _capture_batch(ModelAdapter(model), b, [layer], args.positions, args.dtype)
+
+    for name, fn in (("truncated", truncated), ("harvest", run)):
+        shutil.rmtree(out, ignore_errors=True)
+        sync(device)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            wall = time.perf_counter() - start
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
+        busy, end = 0.0, float("-inf")
+        for a, b in spans:  # union of the intervals (us)
+            if b > end:
+                busy += b - max(a, end)
+                end = b
+        print(f"{name}: wall {wall:.3f} s, GPU busy {busy / 1e6:.3f} s (idle {wall - busy / 1e6:.3f} s)")
+
+
 def profile_harvest(model, tokenizer, records, args: argparse.Namespace, scratch: Path) -> None:
     """cProfile one warm harvest at the first layer; print the 25 costliest calls (cumulative)."""
     import cProfile
@@ -307,8 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="first print a cProfile of one harvest")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the first layer's harvest without fsync/sha256 and without the store")
-    parser.add_argument("--compare-unpinned", action="store_true",
-                        help="also time each repeat's harvest with pageable batches (A/B in the same process)")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="also split the first layer's harvest time (forward loop parts, GPU busy vs wall)")
+    parser.add_argument("--compare", nargs="*", default=[], choices=sorted(VARIANTS),
+                        help="also time each repeat's harvest with pageable batches / the tokenizer on a thread "
+                             "(A/B in the same process)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, a few prompts, 2 repeats")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -327,15 +433,16 @@ def main(argv: list[str] | None = None) -> int:
             profile_harvest(model, tokenizer, records, args, scratch)
         rows = [bench_layer(model, tokenizer, records, layer, args, scratch) for layer in args.layers]
         parts = breakdown(model, tokenizer, records, args.layers[0], args, scratch) if args.breakdown else None
+        if args.diagnose:
+            diagnose(model, tokenizer, records, args.layers[0], args, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print_table(label, name, args, rows)
     for row in rows:
         line = f"layer {row['layer']}: harv/trunc per repeat " + " ".join(f"{r:.3f}" for r in row["ratio_trunc_all"])
-        if row["ratio_trunc_unpinned"]:
-            line += " | with pageable batches " + " ".join(f"{r:.3f}" for r in row["ratio_trunc_unpinned"])
-            line += f" (median {statistics.median(row['ratio_trunc_unpinned']):.3f})"
+        for name, ratios in row["ratio_trunc_variants"].items():
+            line += f" | {name}: " + " ".join(f"{r:.3f}" for r in ratios) + f" (median {statistics.median(ratios):.3f})"
         print(line)
     if parts:
         trunc = rows[0]["trunc_s"]
