@@ -10,7 +10,6 @@ rerunning an interrupted harvest resumes it.
 """
 from __future__ import annotations
 
-import multiprocessing
 import queue
 import sys
 import threading
@@ -209,10 +208,8 @@ def harvest(
     todo = [r for r in records if r.id not in writer.stored_prompt_ids]
     with writer, torch.inference_mode():
         if todo:
-            on_gpu = adapter.device.type == "cuda"  # there the forward loop is bound by kernel launches:
-            worker = "process" if on_gpu and "fork" in multiprocessing.get_all_start_methods() else "thread"
-            batches = prefetched_batches(tokenizer, todo, batch_size, chat_template, max_length,  # keep the GIL free
-                                         pin_memory=on_gpu, worker=worker)
+            batches = prefetched_batches(tokenizer, todo, batch_size, chat_template, max_length,
+                                         pin_memory=adapter.device.type == "cuda")
             try:
                 _run_batches(adapter, writer, batches, layers, positions, dtype, len(todo), progress)
             finally:

@@ -15,15 +15,13 @@ the work already queued, and the forward loop could not queue a batch while the 
 """
 from __future__ import annotations
 
-import multiprocessing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import torch.utils.data
 
 from activations.positions import encode_with_kinds
 from activations.records import PromptRecord
@@ -53,7 +51,7 @@ class PromptBatch:
     @property
     def token_index(self) -> torch.Tensor:
         """`(n_tokens,)` int64 flat positions of the real tokens in `(batch * seq)`, row-major
-        (computed once, by the worker that makes the batch; page-locked by `pin_memory()`)."""
+        (computed once, by the worker thread that makes the batch; page-locked by `pin_memory()`)."""
         cached = self.__dict__.get("_token_index")
         if cached is None:
             cached = self.__dict__["_token_index"] = self.attention_mask.reshape(-1).nonzero().squeeze(1)
@@ -134,21 +132,15 @@ def prefetched_batches(
     max_length: int | None = None,
     first_chunk: int | None = None,
     pin_memory: bool = False,
-    worker: Literal["thread", "process"] = "thread",
 ) -> Iterator[PromptBatch]:
-    """Length-bucketed batches whose tokenisation and batching run one chunk ahead of the caller.
+    """Length-bucketed batches whose tokenisation and batching run one chunk ahead on a worker thread.
 
     Chunks hold `first_chunk` (default 4 batches) prompts, then twice as many each time, taken
-    longest-first by character length. `worker`: where chunks are tokenised — a thread (only it uses
-    the tokenizer), or a forked process (a `torch.utils.data.DataLoader` worker, started here, before
-    the caller starts threads), which keeps the tokenizer's Python work (chat-template formatting,
-    offsets, padding) off this process's GIL: a GPU forward loop whose kernel launches are bound by
-    the host runs at full speed beside it. `pin_memory`: page-locked tensors (needs CUDA).
+    longest-first by character length. Only one thread uses the tokenizer at a time. `pin_memory`:
+    page-locked tensors (for asynchronous copies to a GPU; needs CUDA).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if worker not in ("thread", "process"):
-        raise ValueError(f"worker must be thread or process, got {worker!r}")
     by_chars = sorted(records, key=lambda r: (-len(r.text), r.id))
     size = first_chunk or 4 * batch_size
     chunks: list[list[PromptRecord]] = []
@@ -156,61 +148,19 @@ def prefetched_batches(
         chunks.append(by_chars[:size])
         by_chars, size = by_chars[size:], size * 2
 
-    def make(index: int) -> list[PromptBatch]:
-        token_ids, kinds = tokenize_with_kinds(tokenizer, chunks[index], chat_template, max_length)
-        batches = list(length_bucketed_batches(chunks[index], token_ids, batch_size, tokenizer.pad_token_id, kinds))
+    def make(chunk: list[PromptRecord]) -> list[PromptBatch]:
+        token_ids, kinds = tokenize_with_kinds(tokenizer, chunk, chat_template, max_length)
+        batches = list(length_bucketed_batches(chunk, token_ids, batch_size, tokenizer.pad_token_id, kinds))
         for batch in batches:
             batch.token_index  # computed here, off the caller's thread  # noqa: B018
-        return batches
+        return [b.pin_memory() for b in batches] if pin_memory else batches
 
-    if worker == "process":
-        return _process_batches(make, len(chunks), pin_memory)
-    return _thread_batches(make, len(chunks), pin_memory)
-
-
-def _thread_batches(make: Callable[[int], list[PromptBatch]], n_chunks: int, pin_memory: bool) -> Iterator[PromptBatch]:
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
-
-    def made(index: int) -> list[PromptBatch]:
-        return [b.pin_memory() for b in make(index)] if pin_memory else make(index)
-
     try:
-        pending = pool.submit(made, 0) if n_chunks else None
-        for index in range(n_chunks):
+        pending = pool.submit(make, chunks[0]) if chunks else None
+        for index in range(len(chunks)):
             ready = pending.result()
-            pending = pool.submit(made, index + 1) if index + 1 < n_chunks else None
+            pending = pool.submit(make, chunks[index + 1]) if index + 1 < len(chunks) else None
             yield from ready
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _ChunkBatches(torch.utils.data.Dataset):
-    """Item i: chunk i's batches (made in the DataLoader's worker process; inherited by fork, not pickled)."""
-
-    def __init__(self, make: Callable[[int], list[PromptBatch]], n_chunks: int) -> None:
-        self.make, self.n_chunks = make, n_chunks
-
-    def __len__(self) -> int:
-        return self.n_chunks
-
-    def __getitem__(self, index: int) -> list[PromptBatch]:
-        return self.make(index)
-
-
-def _process_batches(make: Callable[[int], list[PromptBatch]], n_chunks: int, pin_memory: bool) -> Iterator[PromptBatch]:
-    if n_chunks == 0:
-        return _thread_batches(make, 0, pin_memory)  # an empty generator (it has close(), as the others)
-    if "fork" not in multiprocessing.get_all_start_methods():
-        raise ValueError("worker='process' needs the fork start method (Linux); use worker='thread'")
-    loader = torch.utils.data.DataLoader(_ChunkBatches(make, n_chunks), batch_size=None, num_workers=1,
-                                         multiprocessing_context="fork", prefetch_factor=2, pin_memory=pin_memory)
-    chunks = iter(loader)  # forks the worker now
-
-    def batches() -> Iterator[PromptBatch]:
-        try:
-            for ready in chunks:
-                yield from ready
-        finally:
-            getattr(chunks, "_shutdown_workers", lambda: None)()
-
-    return batches()

@@ -181,8 +181,8 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
     }
 
 
-VARIANTS = {"pageable": {"pin_memory": False}, "thread": {"worker": "thread"}}
-"""--compare: the harvest's batches made another way (pageable memory; tokenised on a thread, not a process)."""
+VARIANTS = {"pageable": {"pin_memory": False}}
+"""--compare: the harvest's batches made another way (pageable memory, not page-locked)."""
 
 
 @contextmanager
@@ -413,8 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diagnose", action="store_true",
                         help="also split the first layer's harvest time (forward loop parts, GPU busy vs wall)")
     parser.add_argument("--compare", nargs="*", default=[], choices=sorted(VARIANTS),
-                        help="also time each repeat's harvest with pageable batches / the tokenizer on a thread "
-                             "(A/B in the same process)")
+                        help="also time each repeat's harvest with pageable batches (A/B in the same process)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, a few prompts, 2 repeats")
     args = parser.parse_args(argv)
     if args.smoke:

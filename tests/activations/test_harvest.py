@@ -112,33 +112,12 @@ def test_prefetched_batches_cover_every_prompt_once(tiny_llama) -> None:
         assert torch.equal(b.token_index, want)
 
 
-def test_a_worker_process_makes_the_same_batches(tiny_llama) -> None:
-    """worker="process" (a forked DataLoader worker tokenises): the same batches, in the same order."""
-    _, tokenizer = tiny_llama
-    records = make_records(23)
-    by_thread = list(prefetched_batches(tokenizer, records, batch_size=3, max_length=40, first_chunk=4))
-    by_process = list(prefetched_batches(tokenizer, records, batch_size=3, max_length=40, first_chunk=4,
-                                         worker="process"))
-    assert [[r.id for r in b.records] for b in by_process] == [[r.id for r in b.records] for b in by_thread]
-    for a, b in zip(by_thread, by_process):
-        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.position_ids, b.position_ids)
-        assert torch.equal(a.token_index, b.token_index) and a.lengths == b.lengths
-        assert all(np.array_equal(x, y) for x, y in zip(a.kinds, b.kinds))
-    stopped = prefetched_batches(tokenizer, records, batch_size=3, worker="process")
-    next(stopped)
-    stopped.close()  # stopping early shuts the worker down
-    with pytest.raises(ValueError, match="thread or process"):
-        prefetched_batches(tokenizer, records, batch_size=3, worker="fiber")
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
 def test_pinned_batches_hold_the_same_tensors(tiny_llama) -> None:
     _, tokenizer = tiny_llama
     records = make_records(9)
     plain = list(prefetched_batches(tokenizer, records, batch_size=3))
-    for worker in ("thread", "process"):
-        pinned = list(prefetched_batches(tokenizer, records, batch_size=3, pin_memory=True, worker=worker))
-        assert len(pinned) == len(plain)
+    pinned = list(prefetched_batches(tokenizer, records, batch_size=3, pin_memory=True))
     for a, b in zip(plain, pinned):
         assert b.input_ids.is_pinned() and b.token_index.is_pinned()
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.token_index, b.token_index)
