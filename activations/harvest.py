@@ -222,6 +222,12 @@ DRAIN_AHEAD = 2
 """Batches whose rows may wait for the writer thread before the forward loop waits for it."""
 
 
+def host_staging(device: torch.device) -> HostStaging | None:
+    """The harvest's host slots: DRAIN_AHEAD batches queued + one being stored + one being filled (the
+    forward loop waits only then); None on the CPU, where captured rows are fresh host tensors already."""
+    return HostStaging(DRAIN_AHEAD + 2, pin=True) if device.type == "cuda" else None
+
+
 def _run_batches(
     adapter: ModelAdapter, writer: ShardWriter, batches: Any, layers: list[int], positions: str,
     dtype: str, n_prompts: int, progress: bool,
@@ -231,8 +237,7 @@ def _run_batches(
     copy, moves the rows out of the slot and buffers them as one block per batch (shards are written
     by the writer's own background threads). The forward loop never waits for the disk, a copy or a
     checksum unless the writer falls `DRAIN_AHEAD` batches behind."""
-    # DRAIN_AHEAD batches queued + one being stored + one being filled: the forward loop waits only then
-    staging = HostStaging(DRAIN_AHEAD + 2, pin=adapter.device.type == "cuda")
+    staging = host_staging(adapter.device)
     bar = progress_bar(total=n_prompts, unit="prompt", desc="harvest", disable=not progress)
     started, done = time.perf_counter(), {"prompts": 0, "tokens": 0}
     handoff: queue.Queue[Any] = queue.Queue(maxsize=DRAIN_AHEAD)
@@ -242,10 +247,11 @@ def _run_batches(
         while (item := handoff.get()) is not None:
             batch, staged = item
             if failed:
-                staging.release(staged)
+                if staging is not None:
+                    staging.release(staged)
                 continue
             try:
-                _store_batch(writer, batch, staging.take(staged), positions)
+                _store_batch(writer, batch, staging.take(staged) if staging is not None else staged, positions)
             except BaseException as error:
                 failed.append(error)
                 continue
@@ -264,7 +270,7 @@ def _run_batches(
             if failed:
                 break
             captured = _capture_batch(adapter, batch, layers, positions, dtype)
-            handoff.put((batch, staging.stage(captured)))
+            handoff.put((batch, staging.stage(captured) if staging is not None else captured))
     finally:
         handoff.put(None)
         thread.join()

@@ -239,10 +239,16 @@ def test_embedded_model_rows_equal_output_hidden_states(embedded, tmp_path: Path
     check_against_reference(model, tokenizer, records, out, [3, 9], "last", rtol=1e-6)
 
 
-def test_a_writer_error_stops_the_harvest_without_hanging(tiny_llama, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("staged", [False, True])
+def test_a_writer_error_stops_the_harvest_without_hanging(tiny_llama, tmp_path: Path, monkeypatch, staged: bool) -> None:
     """The writer thread fails on its second batch while the forward loop has more batches than
-    staging slots: the error comes back (every slot is released, so the loop cannot block)."""
+    staging slots (`staged`: the GPU's host slots, here unpinned on the CPU): the error comes back
+    (every slot is released, so the loop cannot block)."""
     import activations.harvest as harvest_module
+    from activations.host_staging import HostStaging
+
+    if staged:
+        monkeypatch.setattr(harvest_module, "host_staging", lambda device: HostStaging(2, pin=False))
 
     model, tokenizer = tiny_llama
     calls = {"n": 0}
@@ -259,3 +265,19 @@ def test_a_writer_error_stops_the_harvest_without_hanging(tiny_llama, tmp_path: 
         harvest(model, tokenizer, make_records(24), [0], tmp_path / "acts", positions="all", batch_size=1,
                 dtype="float32", progress=False)
     assert calls["n"] == 2  # the writer stopped storing after the error
+
+
+def test_rows_through_host_slots_are_stored_unchanged(tiny_llama, tmp_path: Path, monkeypatch) -> None:
+    """The GPU path's host slots (here unpinned on the CPU; 2 slots, reused many times) store the same rows."""
+    import activations.harvest as harvest_module
+    from activations.host_staging import HostStaging
+
+    model, tokenizer = tiny_llama
+    records = make_records(20)
+    plain = harvest(model, tokenizer, records, [1], tmp_path / "plain", positions="all", batch_size=2,
+                    dtype="float32", progress=False)
+    monkeypatch.setattr(harvest_module, "host_staging", lambda device: HostStaging(2, pin=False))
+    staged = harvest(model, tokenizer, records, [1], tmp_path / "staged", positions="all", batch_size=2,
+                     dtype="float32", progress=False)
+    (x_a, meta_a), (x_b, meta_b) = ActivationStore(plain).load(1), ActivationStore(staged).load(1)
+    assert np.array_equal(x_a, x_b) and list(meta_a.prompt_id) == list(meta_b.prompt_id)
