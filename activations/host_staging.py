@@ -10,14 +10,13 @@ batch's rows into a free slot asynchronously (and records an event), the writer 
 event, copies the rows out into ordinary memory (off the forward loop; the copy releases the GIL)
 and gives the slot back. When every slot is taken the forward loop waits for the writer, which
 bounds the host memory held in flight. Slots grow to the largest batch seen (length-bucketed batches
-come longest first, so a slot is usually allocated once). From CUDA the copies run on a side stream
-(after the rows are ready on the current one), so the next batch's forward does not queue behind them.
+come longest first, so a slot is usually allocated once). The copies are queued on the current
+stream (a side stream for them measured slower on an H200, docs/shards.md).
 """
 from __future__ import annotations
 
 import queue
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +51,6 @@ class HostStaging:
             self._free.put(slot)
         self.allocations = 0
         """How many buffers were allocated (grown) so far."""
-        self._copy_stream: torch.cuda.Stream | None = None
 
     def _buffer(self, slot: int, nbytes: int) -> Tensor:
         buffer = self._buffers[slot]
@@ -68,24 +66,17 @@ class HostStaging:
         slot = self._free.get()
         sizes = {layer: t.numel() * t.element_size() for layer, t in tensors.items()}
         buffer = self._buffer(slot, sum(sizes.values()))
-        rows, offset = {}, 0
-        on_cuda = any(t.is_cuda for t in tensors.values())
+        rows, offset, on_cuda = {}, 0, False
+        for layer, t in tensors.items():
+            view = buffer[offset:offset + sizes[layer]].view(t.dtype).view(t.shape)
+            view.copy_(t, non_blocking=t.is_cuda)
+            on_cuda |= t.is_cuda
+            rows[layer] = view
+            offset += sizes[layer]
+        ready = None
         if on_cuda:
-            if self._copy_stream is None:
-                self._copy_stream = torch.cuda.Stream()
-            self._copy_stream.wait_stream(torch.cuda.current_stream())  # the rows are computed there
-        with torch.cuda.stream(self._copy_stream) if on_cuda else nullcontext():
-            for layer, t in tensors.items():
-                view = buffer[offset:offset + sizes[layer]].view(t.dtype).view(t.shape)
-                view.copy_(t, non_blocking=t.is_cuda)
-                if t.is_cuda:
-                    t.record_stream(self._copy_stream)  # its memory is not reused before the copy ran
-                rows[layer] = view
-                offset += sizes[layer]
-            ready = None
-            if on_cuda:
-                ready = torch.cuda.Event()
-                ready.record()
+            ready = torch.cuda.Event()
+            ready.record()
         return StagedRows(slot, rows, ready)
 
     def take(self, staged: StagedRows) -> dict[int, Tensor]:

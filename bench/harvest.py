@@ -164,7 +164,7 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
     for _ in range(args.repeats):
         pairs.append((median_time(truncated, device, 1, warmup=0), median_time(harvest_run, device, 1, warmup=0, prepare=clear)))
         for name in args.compare:  # the same harvest with one setting changed, right after (A/B in one process)
-            with batches_made(**VARIANTS[name]):
+            with batches_made(VARIANTS[name]):
                 variants[name].append(pairs[-1][0] / median_time(harvest_run, device, 1, warmup=0, prepare=clear))
     t_trunc, t_harvest = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
     target = (layer + 1) / adapter.num_layers * 1.15
@@ -181,12 +181,12 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
     }
 
 
-VARIANTS = {"pageable": {"pin_memory": False}}
-"""--compare: the harvest's batches made another way (pageable memory, not page-locked)."""
+VARIANTS: dict[str, dict] = {"pageable": {"pin_memory": False}}
+"""--compare: `prefetched_batches` settings of the harvest's variants (pageable, not page-locked, batches)."""
 
 
 @contextmanager
-def batches_made(**settings: object) -> Iterator[None]:
+def batches_made(settings: dict) -> Iterator[None]:
     """Within the block the harvest's `prefetched_batches` gets `settings`."""
     import activations.harvest as harvest_module
 
