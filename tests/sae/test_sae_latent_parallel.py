@@ -27,11 +27,11 @@ def store(tmp_path_factory) -> Path:
 
 
 def job(steps: int = 10, auxk_k: int = 8, architecture: str = "topk", fused: bool | None = True,
-        in_memory: bool = True) -> TrainConfig:
+        in_memory: bool = True, d_sae: int = 128, k: int = 2, contrastive: float = 0.0) -> TrainConfig:
     # AuxK on with a short dead threshold: 30-45 of the 128 latents are dead from step 2 on, more than
     # k_aux, so the cross-shard k_aux threshold is exercised; normalize_input checks the input scale
-    sae = SAEConfig(d_in=16, d_sae=128, k=2, auxk_coeff=1 / 32, auxk_k=auxk_k, dead_tokens_threshold=128,
-                    normalize_input=True, architecture=architecture)
+    sae = SAEConfig(d_in=16, d_sae=d_sae, k=k, auxk_coeff=1 / 32, auxk_k=auxk_k, dead_tokens_threshold=128,
+                    normalize_input=True, architecture=architecture, contrastive_coeff=contrastive)
     return TrainConfig(seeds=[0, 1], steps=steps, sae=sae,
                        optim=OptimConfig(lr=3e-3, fused=fused, lr_warmup_steps=2),
                        data=DataConfig(batch_size=128, in_memory=in_memory, chunk_rows=50, window_chunks=4),
@@ -54,6 +54,21 @@ def test_two_latent_shards_equal_one_process(store: Path, tmp_path: Path) -> Non
     assert metrics["auxk_dead_fraction"] * 128 > 8  # more dead latents than k_aux: the cross-shard threshold ran
     # the export holds whole SAEs, equal to the one-process run's statistics too
     assert metrics["auxk_dead_fraction"] == json.loads((one / "metrics.json").read_text())["seeds"]["0"]["auxk_dead_fraction"]
+
+
+def test_k_wider_than_a_shard_and_loss_terms_on_the_codes(store: Path, tmp_path: Path) -> None:
+    """k 6 of 8 latents (each shard owns 4 < k: every candidate takes part in the merge) with the
+    contrastive term on the codes (computed on every rank, its gradient kept by each entry's owner)."""
+    x, _ = sparse_dictionary_data(700, 16, 32, 2, seed=5)
+    labelled = write_store(tmp_path / "store", x, LAYER, splits=["extract"] * 600 + ["calibrate"] * 100,
+                           categories=[("safety", "unsupported", "benign")[i % 3] for i in range(700)],
+                           rows_per_shard=150)
+    settings = dict(d_sae=8, k=6, auxk_k=2, contrastive=0.1, steps=6)
+    one = train_saes(labelled, LAYER, tmp_path / "one", job(**settings), **RUN_KW)
+    two = train_saes(labelled, LAYER, tmp_path / "two", job(**settings), trainer=LP, **RUN_KW)
+    assert_same_saes(one, two)
+    header, first = (one / "seed_0" / "metrics.csv").read_text().splitlines()[:2]
+    assert float(dict(zip(header.split(","), first.split(",")))["contrastive"]) > 0  # the term was live
 
 
 def test_checkpoints_hold_whole_saes_and_resume_exactly(store: Path, tmp_path: Path) -> None:
