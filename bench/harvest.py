@@ -25,9 +25,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,6 +35,9 @@ from activations.adapter import ModelAdapter  # noqa: E402
 from activations.harvest import _capture_batch, harvest  # noqa: E402
 from activations.harvest_batches import prefetched_batches  # noqa: E402
 from activations.records import PromptRecord  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harvest_diagnose import VARIANTS, batches_made, breakdown, diagnose, median_time, profile_harvest  # noqa: E402
 
 WORDS = ("river lamp orbit garden signal copper window maple thunder pencil harbor velvet canyon "
          "lantern meadow engine ribbon glacier compass orchard").split()
@@ -85,31 +85,6 @@ def build_model(kind: str, device: str, tokenizer_path: str | None) -> tuple[tor
     model.eval().requires_grad_(False)
     model.config.name_or_path = f"random-{kind}"
     return model, tokenizer, f"{kind} (random) {str(dtype)[6:]}"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1,
-                prepare: Callable[[], None] | None = None) -> float:
-    """Median wall seconds of `fn` over `repeats` runs after `warmup` runs; `prepare` runs untimed
-    before each (removing the previous run's store: deleting 0.4 GB of shards is not harvesting)."""
-    for _ in range(warmup):
-        if prepare is not None:
-            prepare()
-        fn()
-    times = []
-    for _ in range(repeats):
-        if prepare is not None:
-            prepare()
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace, scratch: Path) -> dict:
@@ -179,193 +154,6 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
         "ratio_full": t_harvest / t_full, "target": target, "ratio_trunc": statistics.median(a / b for a, b in pairs),
         "ratio_trunc_all": [a / b for a, b in pairs], "ratio_trunc_variants": variants,
     }
-
-
-VARIANTS: dict[str, dict] = {"pageable": {"pin_memory": False}}
-"""--compare: `prefetched_batches` settings of the harvest's variants (pageable, not page-locked, batches)."""
-
-
-@contextmanager
-def batches_made(settings: dict) -> Iterator[None]:
-    """Within the block the harvest's `prefetched_batches` gets `settings`."""
-    import activations.harvest as harvest_module
-
-    original = harvest_module.prefetched_batches
-    harvest_module.prefetched_batches = lambda *a, **k: original(*a, **{**k, **settings})
-    try:
-        yield
-    finally:
-        harvest_module.prefetched_batches = original
-
-
-def breakdown(model, tokenizer, records, layer: int, args: argparse.Namespace, scratch: Path) -> dict:
-    """Harvest seconds at `layer` with parts of the work removed: where the time over the truncated
-    forward goes (the device→host copies and hand-off; the shard files; fsync + checksums), and the
-    phases of the whole harvest (set-up, the forward loop with its hand-off, the final flush)."""
-    import activations.harvest as harvest_module
-    import activations.store.commit as commit_module
-    from activations.store.write import ShardWriter
-
-    device = ModelAdapter(model).device
-    phases: dict[str, list[float]] = {"loop": [], "finish": []}
-
-    def timed(name: str, fn: Callable) -> Callable:
-        def wrapper(*a, **k):
-            start = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                phases[name].append(time.perf_counter() - start)
-        return wrapper
-
-    def run(tag: str) -> float:
-        out = scratch / f"breakdown-{tag}"
-
-        def once() -> None:
-            harvest(model, tokenizer, records, [layer], out, positions=args.positions, batch_size=args.batch_size,
-                    max_length=args.max_length, dtype=args.dtype, progress=False, rows_per_shard=args.rows_per_shard)
-        return median_time(once, device, args.repeats, prepare=lambda: shutil.rmtree(out, ignore_errors=True))
-
-    run_batches, finish = harvest_module._run_batches, ShardWriter.finish
-    harvest_module._run_batches, ShardWriter.finish = timed("loop", run_batches), timed("finish", finish)
-    try:
-        times = {"full": run("full")}
-    finally:
-        harvest_module._run_batches, ShardWriter.finish = run_batches, finish
-    times.update({f"phase {k}": statistics.median(v[1:] or v) for k, v in phases.items() if v})
-    fsync, sha = commit_module.os.fsync, commit_module.shard_sha256
-    commit_module.os.fsync, commit_module.shard_sha256 = (lambda fd: None), (lambda *a, **k: "0" * 64)
-    try:
-        times["no fsync/sha256"] = run("nodur")
-    finally:
-        commit_module.os.fsync, commit_module.shard_sha256 = fsync, sha
-    commit = ShardWriter._commit
-    ShardWriter._commit = lambda self, index, rows, ids, previous: None
-    try:
-        times["no shard files"] = run("nofiles")
-    finally:
-        ShardWriter._commit = commit
-    store_batch = harvest_module._store_batch
-    harvest_module._store_batch = lambda *a, **k: None
-    try:
-        times["no store"] = run("nostore")
-    finally:
-        harvest_module._store_batch = store_batch
-    return times
-
-
-def diagnose(model, tokenizer, records, layer: int, args: argparse.Namespace, scratch: Path) -> None:
-    """Where a harvest's wall time goes at `layer`: the forward loop's own time split (waiting for the
-    next batch from the tokenizer thread, launching the truncated forward and the capture, staging the
-    rows, the rest: hand-off and waiting for the writer), and the GPU's busy time (union of kernel and
-    copy intervals, torch.profiler) against the wall time, for the truncated forward and the harvest."""
-    import activations.harvest as harvest_module
-    from activations.host_staging import HostStaging
-
-    device = ModelAdapter(model).device
-    spent = {"next batch": 0.0, "forward + capture": 0.0, "staging": 0.0}
-
-    def timed(name: str, fn: Callable) -> Callable:
-        def wrapper(*a, **k):
-            start = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[name] += time.perf_counter() - start
-        return wrapper
-
-    def timed_batches(*a, **k) -> Iterator:
-        batches = original_batches(*a, **k)
-        try:
-            while True:
-                start = time.perf_counter()
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    return
-                finally:
-                    spent["next batch"] += time.perf_counter() - start
-                yield batch
-        finally:
-            batches.close()
-
-    out = scratch / "diagnose"
-
-    def run() -> None:
-        harvest(model, tokenizer, records, [layer], out, positions=args.positions, batch_size=args.batch_size,
-                max_length=args.max_length, dtype=args.dtype, progress=False, rows_per_shard=args.rows_per_shard)
-
-    original_batches, capture, stage, loop = (harvest_module.prefetched_batches, harvest_module._capture_batch,
-                                              HostStaging.stage, harvest_module._run_batches)
-    loop_time: list[float] = []
-    harvest_module.prefetched_batches = timed_batches
-    harvest_module._capture_batch = timed("forward + capture", capture)
-    HostStaging.stage = timed("staging", stage)
-
-    def timed_loop(*a, **k) -> None:
-        start = time.perf_counter()
-        try:
-            loop(*a, **k)
-        finally:
-            loop_time.append(time.perf_counter() - start)
-
-    harvest_module._run_batches = timed_loop
-    try:
-        shutil.rmtree(out, ignore_errors=True)
-        run()  # warm
-        shutil.rmtree(out, ignore_errors=True)
-        spent.update({k: 0.0 for k in spent})
-        sync(device)
-        start = time.perf_counter()
-        run()
-        sync(device)
-        wall = time.perf_counter() - start
-    finally:
-        harvest_module.prefetched_batches, harvest_module._capture_batch = original_batches, capture
-        HostStaging.stage, harvest_module._run_batches = stage, loop
-    rest = loop_time[-1] - sum(spent.values())
-    print(f"\nlayer {layer} harvest {wall:.3f} s, forward loop {loop_time[-1]:.3f} s: "
-          + " | ".join(f"{k} {v:.3f}" for k, v in spent.items()) + f" | hand-off and the rest {rest:.3f}")
-    if device.type != "cuda":
-        return
-    batches = list(prefetched_batches(tokenizer, records, args.batch_size, True, args.max_length, pin_memory=True))
-
-    @torch.inference_mode()
-    def truncated() -> None:
-        for b in batches:
-            _capture_batch(ModelAdapter(model), b, [layer], args.positions, args.dtype)
-
-    for name, fn in (("truncated", truncated), ("harvest", run)):
-        shutil.rmtree(out, ignore_errors=True)
-        sync(device)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            wall = time.perf_counter() - start
-        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
-        busy, end = 0.0, float("-inf")
-        for a, b in spans:  # union of the intervals (us)
-            if b > end:
-                busy += b - max(a, end)
-                end = b
-        print(f"{name}: wall {wall:.3f} s, GPU busy {busy / 1e6:.3f} s (idle {wall - busy / 1e6:.3f} s)")
-
-
-def profile_harvest(model, tokenizer, records, args: argparse.Namespace, scratch: Path) -> None:
-    """cProfile one warm harvest at the first layer; print the 25 costliest calls (cumulative)."""
-    import cProfile
-    import pstats
-
-    def run(out: Path) -> None:
-        harvest(model, tokenizer, records, [args.layers[0]], out, positions=args.positions,
-                batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype, progress=False,
-                rows_per_shard=args.rows_per_shard)
-
-    run(scratch / "warm")
-    profiler = cProfile.Profile()
-    profiler.runcall(run, scratch / "profiled")
-    pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
 
 
 def print_table(label: str, device: str, args: argparse.Namespace, rows: list[dict]) -> None:

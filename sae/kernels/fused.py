@@ -174,10 +174,7 @@ class _FusedTopK(torch.autograd.Function):
         ctx: Any, x_scaled: Tensor, b_dec: Tensor, b_enc: Tensor, w_rows: Tensor, k: int, subtract_b_dec: bool,
         store: DeferredGrads,
     ) -> tuple[Tensor, Tensor]:
-        dtype = w_rows.dtype
-        x_in = (x_scaled - b_dec) if subtract_b_dec else x_scaled
-        x_in = x_in.to(dtype)
-        pre = torch.addmm(b_enc.to(dtype), x_in, w_rows.t())  # (batch, d_sae)
+        x_in, pre = encoder_pre_acts(x_scaled, b_dec, b_enc, w_rows, subtract_b_dec)
         values, indices = filtered_topk(pre, k)
         del pre
         ctx.save_for_backward(x_in, w_rows, indices)
@@ -191,6 +188,14 @@ class _FusedTopK(torch.autograd.Function):
         x_in, w_rows, indices = ctx.saved_tensors
         grad_b_dec, grad_b_enc = encoder_backward(ctx, x_in, w_rows, indices, g_values.to(torch.float32))
         return None, grad_b_dec, grad_b_enc, None, None, None, None
+
+
+def encoder_pre_acts(x_scaled: Tensor, b_dec: Tensor, b_enc: Tensor, w_rows: Tensor, subtract_b_dec: bool
+                     ) -> tuple[Tensor, Tensor]:
+    """`(x_in (batch, d_in), pre (batch, rows))` in `w_rows`' dtype: the encoder input (minus b_dec
+    when `subtract_b_dec`) and its pre-activations `x_in @ w_rowsᵀ + b_enc`."""
+    x_in = ((x_scaled - b_dec) if subtract_b_dec else x_scaled).to(w_rows.dtype)
+    return x_in, torch.addmm(b_enc.to(w_rows.dtype), x_in, w_rows.t())
 
 
 SPILL = 1024

@@ -34,7 +34,7 @@ from torch import Tensor
 from sae.kernels import triton as triton_kernels
 from sae.kernels.csr import compute_dtype_for
 from sae.kernels.ddp import _gather_into
-from sae.kernels.fused import DeferredGrads, deferred_rows, encoder_backward
+from sae.kernels.fused import DeferredGrads, deferred_rows, encoder_backward, encoder_pre_acts
 from sae.kernels.topk_filter import filtered_topk
 
 
@@ -134,9 +134,7 @@ class _ShardTopK(torch.autograd.Function):
         ctx: Any, x_scaled: Tensor, b_dec: Tensor, b_enc: Tensor, w_rows: Tensor, k: int, subtract_b_dec: bool,
         store: DeferredGrads, shard: LatentShard,
     ) -> tuple[Tensor, Tensor]:
-        dtype = w_rows.dtype
-        x_in = ((x_scaled - b_dec) if subtract_b_dec else x_scaled).to(dtype)
-        pre = torch.addmm(b_enc.to(dtype), x_in, w_rows.t())  # (batch, d_sae / R)
+        x_in, pre = encoder_pre_acts(x_scaled, b_dec, b_enc, w_rows, subtract_b_dec)  # pre: (batch, d_sae / R)
         k_local = min(k, shard.size)
         values, local = filtered_topk(pre, k_local)
         del pre
