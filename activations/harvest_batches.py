@@ -58,8 +58,7 @@ class PromptBatch:
         return cached
 
     def pin_memory(self) -> "PromptBatch":
-        """This batch with its tensors (and the token index) in page-locked memory (needs CUDA; the
-        name lets a DataLoader's pin-memory thread find it)."""
+        """This batch with its tensors (and the token index) in page-locked memory (needs CUDA)."""
         batch = PromptBatch(self.records, self.input_ids.pin_memory(), self.attention_mask.pin_memory(),
                             self.position_ids.pin_memory(), self.lengths, self.kinds)
         batch.__dict__["_token_index"] = self.token_index.pin_memory()

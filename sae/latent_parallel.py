@@ -17,10 +17,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from torch import Tensor
 
-from sae.kernels.ddp import _gather_into
-from sae.kernels.latent_shard import LatentShard
+from sae.kernels.latent_shard import LatentShard, gather_rows
 from sae.model import SparseAutoencoder
 
 SHARDED: tuple[str, ...] = ("W_enc_rows", "b_enc", "W_dec")
@@ -42,13 +40,6 @@ for _name, _start in (("latent_parallel", "popen"), ("latent_parallel_spawn", "s
     if _name not in StrategyRegistry:
         StrategyRegistry.register(_name, LatentParallelStrategy, start_method=_start,
                                   description=f"latents split across devices, start_method {_start!r}")
-
-
-def gather_rows(t: Tensor, world: int) -> Tensor:
-    """Every rank's `(n, ...)` → `(world * n, ...)` in rank order (collective: every rank calls it)."""
-    out, wait = _gather_into(t.detach().contiguous(), world)
-    wait()
-    return out
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sae.auxk import dead_latent_reconstruction, sharded_dead_reconstruction
+from sae.auxk import dead_latent_reconstruction
 from sae.config import SAEConfig
 from sae.initialization import geometric_median, input_scale_for
 from sae.kernels.csr import SPARSE_KERNELS, SparseKernels, compute_dtype_for
@@ -287,8 +287,7 @@ class SparseAutoencoder(nn.Module):
         fvu = F.mse_loss(x_hat.to(torch.float32), target, reduction="sum") / denominator
         aux = None
         if use_aux and dead_ids is not None:
-            aux = (dead_latent_reconstruction(self, x, dead_ids) if self.shard is None
-                   else sharded_dead_reconstruction(self, x, dead_ids, int(n_dead or 0), self.shard) if n_dead else None)
+            aux = dead_latent_reconstruction(self, x, dead_ids, n_dead if self.shard is not None else None, self.shard)
         aux_x_hat, aux_scale = aux if aux is not None else (None, None)
         return ForwardOutput(x_hat, values, indices, fvu, aux_x_hat, aux_scale, self.d_sae)
 

@@ -203,16 +203,19 @@ SPILL = 1024
 to one address would serialise)."""
 
 
-def encoder_backward(ctx: Any, x_in: Tensor, w_rows: Tensor, ids: Tensor, g32: Tensor) -> tuple[Tensor | None, Tensor]:
+def encoder_backward(ctx: Any, x_in: Tensor, w_rows: Tensor, ids: Tensor, g32: Tensor, sentinels: bool = False
+                     ) -> tuple[Tensor | None, Tensor]:
     """The top-k encoder's backward: defers W_enc_rows' gradient to `ctx.store` and returns
     `(grad_b_dec or None, grad_b_enc)` for the selected `(batch, n)` latents `ids` with float32 value
-    grads `g32`. An id equal to the row count (a latent-parallel sentinel: another shard's entry, its
-    g32 zero) is sorted past the last row and adds nothing."""
+    grads `g32`. With `sentinels`, an id equal to the row count (latent-parallel: another shard's
+    entry, its g32 zero) is sorted past the last row and adds nothing."""
     rows = w_rows.shape[0]
     flat = ids.reshape(-1)
-    spill = rows + torch.arange(flat.shape[0], device=flat.device) % SPILL  # sentinels: spread, not one hot address
-    grad_b_enc = torch.zeros(rows + SPILL, device=x_in.device, dtype=torch.float32)
-    grad_b_enc = grad_b_enc.index_add_(0, torch.where(flat < rows, flat, spill), g32.reshape(-1))[:rows]
+    if sentinels:  # spread over spill slots, not one hot address
+        spill = rows + torch.arange(flat.shape[0], device=flat.device) % SPILL
+        flat = torch.where(flat < rows, flat, spill)
+    grad_b_enc = torch.zeros(rows + (SPILL if sentinels else 0), device=x_in.device, dtype=torch.float32)
+    grad_b_enc = grad_b_enc.index_add_(0, flat, g32.reshape(-1))[:rows]
     ctx.store.add("W_enc_rows", ctx.store.latent_sort(ids, rows).term(g32, x_in))
     grad_b_dec = None
     if ctx.subtract_b_dec and ctx.needs_input_grad[1]:  # d(x - b_dec)/d b_dec: minus the summed input grads

@@ -109,10 +109,16 @@ def reduce_from_shards(t: Tensor) -> Tensor:
     return _ReduceFromShards.apply(t)
 
 
+def gather_rows(t: Tensor, world: int) -> Tensor:
+    """Every rank's `(n, ...)` → `(world * n, ...)` in rank order (a blocking all-gather; every rank calls it)."""
+    out, wait = _gather_into(t.detach().contiguous(), world)
+    wait()
+    return out
+
+
 def gather_columns(t: Tensor, world: int) -> Tensor:
     """Every rank's `(batch, n)` → `(batch, world * n)`, rank-major along dim 1 (a blocking all-gather)."""
-    out, wait = _gather_into(t, world)
-    wait()
+    out = gather_rows(t, world)
     batch = t.shape[0]
     return out.view(world, batch, *t.shape[1:]).transpose(0, 1).reshape(batch, world * t.shape[1])
 
@@ -152,7 +158,7 @@ class _ShardTopK(torch.autograd.Function):
         x_in, w_rows, local = ctx.saved_tensors
         g32 = torch.where(local < ctx.size, g_values.to(torch.float32), 0.0)  # other ranks' entries are theirs
         # grad_b_dec is this shard's part; copy_to_shards sums the parts
-        grad_b_dec, grad_b_enc = encoder_backward(ctx, x_in, w_rows, local, g32)
+        grad_b_dec, grad_b_enc = encoder_backward(ctx, x_in, w_rows, local, g32, sentinels=True)
         return None, grad_b_dec, grad_b_enc, None, None, None, None, None
 
 
