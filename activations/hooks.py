@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from activations.adapter import ModelAdapter
+from activations.attention_mask import forward_attention_mask
 from activations.tokenize import encode_prompts, position_ids_from_mask
 
 Edit = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -91,7 +92,9 @@ def capture_residuals(
 
     With `stop_early` the forward ends after the deepest requested layer: later blocks, the final
     norm and the unembedding are never computed. `position_ids` default to counting from each row's
-    first real token (a left-padded row equals the row alone). `reduce(hidden)` runs inside the
+    first real token (a left-padded row equals the row alone). The 4D attention mask is built on the
+    device (`activations.attention_mask`), so the forward never waits for the GPU to tell the host
+    whether the batch is padded. `reduce(hidden)` runs inside the
     hook and its result is kept instead (e.g. the rows a harvest stores), so full hidden states of
     several layers need not be held at once.
     """
@@ -111,7 +114,7 @@ def capture_residuals(
         try:  # the base model (no LM head) is enough: no logits are ever needed here
             base(
                 input_ids=input_ids,
-                attention_mask=attention_mask,
+                attention_mask=forward_attention_mask(adapter.model, attention_mask),
                 position_ids=position_ids_from_mask(attention_mask) if position_ids is None else position_ids,
                 use_cache=False,
             )

@@ -37,7 +37,7 @@ from activations.harvest_batches import prefetched_batches  # noqa: E402
 from activations.records import PromptRecord  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harvest_diagnose import VARIANTS, batches_made, breakdown, diagnose, median_time, profile_harvest  # noqa: E402
+from harvest_diagnose import VARIANTS, breakdown, diagnose, median_time, profile_harvest  # noqa: E402
 
 WORDS = ("river lamp orbit garden signal copper window maple thunder pencil harbor velvet canyon "
          "lantern meadow engine ribbon glacier compass orchard").split()
@@ -139,7 +139,7 @@ def bench_layer(model, tokenizer, records, layer: int, args: argparse.Namespace,
     for _ in range(args.repeats):
         pairs.append((median_time(truncated, device, 1, warmup=0), median_time(harvest_run, device, 1, warmup=0, prepare=clear)))
         for name in args.compare:  # the same harvest with one setting changed, right after (A/B in one process)
-            with batches_made(VARIANTS[name]):
+            with VARIANTS[name]():
                 variants[name].append(pairs[-1][0] / median_time(harvest_run, device, 1, warmup=0, prepare=clear))
     t_trunc, t_harvest = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
     target = (layer + 1) / adapter.num_layers * 1.15
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diagnose", action="store_true",
                         help="also split the first layer's harvest time (forward loop parts, GPU busy vs wall)")
     parser.add_argument("--compare", nargs="*", default=[], choices=sorted(VARIANTS),
-                        help="also time each repeat's harvest with pageable batches (A/B in the same process)")
+                        help="also time each repeat's harvest with one thing changed: pageable batches, transformers' own attention mask (A/B in the same process)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, a few prompts, 2 repeats")
     args = parser.parse_args(argv)
     if args.smoke:

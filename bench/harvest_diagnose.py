@@ -6,9 +6,11 @@ import argparse
 import shutil
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,10 +55,6 @@ def median_time(fn: Callable[[], None], device: torch.device, repeats: int, warm
     return statistics.median(times)
 
 
-VARIANTS: dict[str, dict] = {"pageable": {"pin_memory": False}}
-"""--compare: `prefetched_batches` settings of the harvest's variants (pageable, not page-locked, batches)."""
-
-
 @contextmanager
 def batches_made(settings: dict) -> Iterator[None]:
     """Within the block the harvest's `prefetched_batches` gets `settings`."""
@@ -68,6 +66,40 @@ def batches_made(settings: dict) -> Iterator[None]:
         yield
     finally:
         harvest_module.prefetched_batches = original
+
+
+@contextmanager
+def transformers_mask() -> Iterator[None]:
+    """Within the block forwards get the 2D padding mask, from which transformers builds the 4D mask
+    itself (reading back whether the batch is padded) instead of the device-built 4D mask."""
+    import activations.hooks as hooks_module
+
+    original = hooks_module.forward_attention_mask
+    hooks_module.forward_attention_mask = lambda model, attention_mask: attention_mask
+    try:
+        yield
+    finally:
+        hooks_module.forward_attention_mask = original
+
+
+VARIANTS: dict[str, Callable[[], Any]] = {
+    "pageable": lambda: batches_made({"pin_memory": False}),
+    "mask2d": transformers_mask,
+}
+"""--compare: the harvest with one thing changed (pageable, not page-locked, batches; transformers
+building the attention mask from the 2D one)."""
+
+
+def read_backs_per_forward(adapter: ModelAdapter, batch: Any, layer: int, args: argparse.Namespace) -> int:
+    """Device→host synchronisations in one truncated forward (`torch.cuda.set_sync_debug_mode`)."""
+    with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            _capture_batch(adapter, batch, [layer], args.positions, args.dtype)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def breakdown(model, tokenizer, records, layer: int, args: argparse.Namespace, scratch: Path) -> dict:
@@ -178,13 +210,22 @@ def diagnose(model, tokenizer, records, layer: int, args: argparse.Namespace, sc
     if device.type != "cuda":
         return
     batches = list(prefetched_batches(tokenizer, records, args.batch_size, True, args.max_length, pin_memory=True))
+    padded = next(b for b in batches if min(b.lengths) < b.input_ids.shape[1])
+    with transformers_mask():
+        before = read_backs_per_forward(ModelAdapter(model), padded, layer, args)
+    print(f"read-backs in one padded truncated forward: {read_backs_per_forward(ModelAdapter(model), padded, layer, args)}"
+          f" (transformers building the mask: {before})")
 
     @torch.inference_mode()
     def truncated() -> None:
         for b in batches:
             _capture_batch(ModelAdapter(model), b, [layer], args.positions, args.dtype)
 
-    for name, fn in (("truncated", truncated), ("harvest", run)):
+    def truncated_2d() -> None:
+        with transformers_mask():
+            truncated()
+
+    for name, fn in (("truncated", truncated), ("truncated, transformers' mask", truncated_2d), ("harvest", run)):
         shutil.rmtree(out, ignore_errors=True)
         sync(device)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
