@@ -6,7 +6,10 @@ without a mask it asks whether `position_ids` pack several sequences). Each ques
 back from the GPU: the host stops until the previous batch's kernels are done, then the GPU idles
 while the host launches the next ones. At the 8B shape that is about one idle stretch per forward
 (`bench/harvest.py --diagnose`). A prepared 4D mask is used as given (`_preprocess_mask_arguments`
-returns it as-is), so a forward with one launches without waiting for the GPU.
+returns it as-is), so a forward with one launches without waiting for the GPU. It goes into the
+truncated forwards of `activations.hooks.capture_residuals`, whose loop (the harvest) runs ahead of
+the GPU; the evaluation forwards copy their logits to the host after every batch, so the GPU is idle
+there when the next batch's mask is built and a read-back costs nothing more.
 
 The prepared mask is transformers' own causal-and-padding mask: query i sees key j when j <= i and
 key j is a real token (a left-padding query sees nothing: sdpa returns zeros there, eager attention
@@ -17,6 +20,8 @@ from __future__ import annotations
 import sys
 
 import torch
+
+from activations.adapter import ModelAdapter
 
 PREPARED_IMPLEMENTATIONS = ("sdpa", "eager")
 """Attention implementations whose mask is a 4D tensor (flash-attention wants 2D, flex a BlockMask)."""
@@ -63,16 +68,17 @@ def causal_padding_mask(attention_mask: torch.Tensor, additive_dtype: torch.dtyp
     allowed = (causal[None] & attention_mask.bool()[:, None, :])[:, None]
     if additive_dtype is None:
         return allowed
-    blocked = torch.full((), torch.finfo(additive_dtype).min, dtype=additive_dtype, device=attention_mask.device)
-    return torch.where(allowed, torch.zeros((), dtype=additive_dtype, device=attention_mask.device), blocked)
+    additive = torch.zeros(allowed.shape, dtype=additive_dtype, device=attention_mask.device)
+    return additive.masked_fill_(~allowed, torch.finfo(additive_dtype).min)
 
 
-def forward_attention_mask(model: torch.nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The mask to pass to `model`'s forward for a 2D padding mask `(batch, seq)`: the prepared 4D
-    mask where `can_prepare_mask` holds (boolean for sdpa, additive in the model's dtype for eager),
-    else the 2D mask unchanged (transformers then builds the mask itself, reading it back)."""
+def forward_attention_mask(adapter: ModelAdapter, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mask to pass to the adapted model's forward for a 2D padding mask `(batch, seq)`: the
+    prepared 4D mask where `can_prepare_mask` holds (boolean for sdpa, additive in the model's dtype
+    for eager), else the 2D mask unchanged (transformers then builds the mask itself, reading it back)."""
+    model = adapter.model
     if attention_mask.ndim != 2 or not can_prepare_mask(model, attention_mask.shape[1]):
         return attention_mask
     if model.config._attn_implementation == "sdpa":
         return causal_padding_mask(attention_mask)
-    return causal_padding_mask(attention_mask, additive_dtype=next(model.parameters()).dtype)
+    return causal_padding_mask(attention_mask, additive_dtype=adapter.dtype)

@@ -114,7 +114,7 @@ def capture_residuals(
         try:  # the base model (no LM head) is enough: no logits are ever needed here
             base(
                 input_ids=input_ids,
-                attention_mask=forward_attention_mask(adapter.model, attention_mask),
+                attention_mask=forward_attention_mask(adapter, attention_mask),
                 position_ids=position_ids_from_mask(attention_mask) if position_ids is None else position_ids,
                 use_cache=False,
             )

@@ -75,7 +75,7 @@ def transformers_mask() -> Iterator[None]:
     import activations.hooks as hooks_module
 
     original = hooks_module.forward_attention_mask
-    hooks_module.forward_attention_mask = lambda model, attention_mask: attention_mask
+    hooks_module.forward_attention_mask = lambda adapter, attention_mask: attention_mask
     try:
         yield
     finally:

@@ -42,7 +42,7 @@ def test_rows_equal_the_forward_with_transformers_own_mask(family, implementatio
     model.set_attn_implementation(implementation)
     batch = encode_prompts(tok, PROMPTS)
     assert not bool(batch["attention_mask"].all())  # the batch is padded
-    prepared = forward_attention_mask(model, batch["attention_mask"])
+    prepared = forward_attention_mask(ModelAdapter(model), batch["attention_mask"])
     assert prepared.ndim == 4 and prepared.dtype == (torch.bool if implementation == "sdpa" else torch.float32)
     captured = capture_residuals(ModelAdapter(model), [0, 2], **batch)  # the last block's hidden_states entry is after the final norm
     reference = model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"]),
@@ -71,7 +71,7 @@ def test_sliding_window_shorter_than_the_prompt_keeps_the_2d_mask(embedded_token
     model, tok = build_tiny_model("mistral", tokenizer=embedded_tokenizer, sliding_window=4)
     batch = encode_prompts(tok, PROMPTS)
     assert batch["input_ids"].shape[1] > 4 and not can_prepare_mask(model, batch["input_ids"].shape[1])
-    assert forward_attention_mask(model, batch["attention_mask"]) is batch["attention_mask"]
+    assert forward_attention_mask(ModelAdapter(model), batch["attention_mask"]) is batch["attention_mask"]
     assert can_prepare_mask(model, 4)
     captured = capture_residuals(ModelAdapter(model), [2], **batch)
     reference = model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"]),
@@ -83,14 +83,14 @@ def test_sliding_window_shorter_than_the_prompt_keeps_the_2d_mask(embedded_token
 def test_other_attention_implementations_get_the_2d_mask(tiny_llama, monkeypatch):
     model, _ = tiny_llama
     mask2d = torch.ones(2, 5, dtype=torch.long)
-    assert forward_attention_mask(model, mask2d).ndim == 4
+    assert forward_attention_mask(ModelAdapter(model), mask2d).ndim == 4
     with monkeypatch.context() as patched:  # a model whose code does not build its mask with masking_utils
         patched.delattr(sys.modules[type(model).__module__], "create_causal_mask")
-        assert forward_attention_mask(model, mask2d) is mask2d
+        assert forward_attention_mask(ModelAdapter(model), mask2d) is mask2d
     original = model.config._attn_implementation
     model.config._attn_implementation = "flash_attention_2"
     try:
-        assert forward_attention_mask(model, mask2d) is mask2d
+        assert forward_attention_mask(ModelAdapter(model), mask2d) is mask2d
     finally:
         model.config._attn_implementation = original
     with pytest.raises(ValueError, match="2D padding mask"):
